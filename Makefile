@@ -1,0 +1,48 @@
+# make demo : the whole pipeline on the embedded default (MODEL=<hf id or path> for a real model)
+# make test : lint + the test suite (executes the notebooks too)
+# Both create .venv and install what they need: the CPU torch wheel first, then the rest.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+MODEL ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: install chromium test lint demo report bench clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[notebooks,dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (moe-routing)" >/dev/null
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Headless Chromium renders the report for the browser test and kaleido's static export.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium (headless browser for figure checks)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; browser checks will be skipped"; }
+
+lint: install
+	$(BIN)/ruff check analysis tests benchmarks notebooks
+
+test: install chromium lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install chromium
+	$(BIN)/python -m moe_routing demo --model "$(MODEL)"
+
+report: install chromium
+	$(BIN)/python -m moe_routing report
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean-demo:
+	rm -rf runs report

@@ -1,0 +1,235 @@
+"""Where each transformers MoE family keeps its routing decisions: a declarative table, not code branches.
+
+Every row says, for one ``model_type``:
+
+- ``experts``: a regular expression matched against the end of ``model.named_modules()`` names; its group
+  ``layer`` is the decoder-layer index. The default matches ``...layers.{i}.<block>.experts``.
+- ``router``: the router's attribute name on the same parent module (for ``logits=True``).
+- ``reading``: how the decisions are read (see ``capture.READERS``):
+  ``experts_args``  forward pre-hook on the experts module, which receives ``(hidden[T,H], index[T,k],
+                    weights[T,k])`` -- exactly what the model uses, whatever experts backend runs;
+  ``onehot_capacity`` switch_transformers: the experts get a capacity-masked one-hot ``[T,1,E]``; an all-zero
+                    row is a token dropped at capacity, recorded as expert ``-1``;
+  ``router_scores`` llama4: the router returns dense scores ``[T,E]`` (0 outside the top-k) that multiply the
+                    experts' input; ids are the router's own top-k of its logits, weights are the scores there;
+  ``skip_zero_weight`` zaya: a "skip" slot arrives as index 0 with weight 0 and is recorded as ``-1``.
+- ``logits_output``: which output of the router module holds the raw router logits ``[T,E]``.
+- ``num_experts_attrs``: config attributes whose sum is the number of ids a router can emit
+  (longcat_flash adds its zero-experts, ids >= n_routed_experts).
+- ``moe_layers``: the config rule deciding which decoder layers are MoE (documentation; the modules found are
+  the truth) and ``notes``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+DEFAULT_EXPERTS = r"(?:^|\.)(?:layers|h|blocks)\.(?P<layer>\d+)\.(?:mlp|feed_forward|block_sparse_moe|moe|ffn)\.experts$"
+NUM_EXPERTS_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to read one MoE family's routing (one row of the table)."""
+
+    family: str
+    experts: str = DEFAULT_EXPERTS
+    router: str | None = "gate"
+    reading: str = "experts_args"
+    logits_output: int | None = 0
+    num_experts_attrs: tuple[str, ...] = ()
+    moe_layers: str = "every decoder layer"
+    shared_experts: str | None = None
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _rows(families: Iterable[str], **common) -> list[Adapter]:
+    return [Adapter(family=f, **common) for f in families]
+
+
+_DS = "first_k_dense_replace dense layers first"
+_DS_NOTE = "sigmoid + e_score_correction_bias + group-limited top-k (sorted=False): not reproducible from logits"
+
+ADAPTERS_LIST: list[Adapter] = [
+    # --- flagship families -------------------------------------------------------------------------------------
+    Adapter("qwen3_moe", moe_layers="not in mlp_only_layers and (i+1) % decoder_sparse_step == 0",
+            notes="softmax (fp32) -> top-k -> renormalise if norm_topk_prob"),
+    Adapter("deepseek_v3", moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    # --- softmax top-k routers ---------------------------------------------------------------------------------
+    Adapter("qwen2_moe", moe_layers="not in mlp_only_layers and (i+1) % decoder_sparse_step == 0",
+            shared_experts="mlp.shared_expert (sigmoid gate)"),
+    Adapter("qwen3_next", moe_layers="not in mlp_only_layers and (i+1) % decoder_sparse_step == 0",
+            shared_experts="mlp.shared_expert (sigmoid gate)", notes="hybrid linear/full attention"),
+    Adapter("qwen3_5_moe_text", aliases=("qwen3_5_moe",), shared_experts="mlp.shared_expert"),
+    Adapter("qwen3_vl_moe", aliases=("qwen3_vl_moe_text",), notes="text decoder of a vision-language model"),
+    Adapter("qwen3_omni_moe", aliases=("qwen3_omni_moe_thinker", "qwen3_omni_moe_text")),
+    *_rows(["mixtral", "minimax"], experts=DEFAULT_EXPERTS, notes="softmax -> top-k -> renormalise; weights fp32"),
+    *_rows(["olmoe", "flex_olmo"], notes="softmax -> top-k, no renormalisation by default"),
+    Adapter("jamba", router="router", moe_layers="i % expert_layer_period == expert_layer_offset",
+            notes="softmax -> top-k, no renormalisation"),
+    Adapter("hunyuan_v1_moe", shared_experts="mlp.shared_mlp",
+            notes="num_experts and top-k may be per-layer lists; the trace keeps the largest"),
+    Adapter("gpt_oss", router="router", notes="linear+bias -> top-k on logits -> softmax over k; "
+            "use_kernels=True replaces the whole block and hooks cannot see it"),
+    *_rows(["granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa"], router="router",
+           notes="top-k on logits -> softmax over k"),
+    Adapter("phimoe", router="router", notes="sparsemixer top-2; samples in training mode (capture in eval)"),
+    Adapter("dbrx", router="router", notes="experts receive 3-D hidden states; index/weights are [T,k]"),
+    Adapter("aria", notes="text decoder of a vision-language model"),
+    # --- biased / grouped routers (never reproducible from logits alone) ----------------------------------------
+    Adapter("deepseek_v2", moe_layers=_DS, shared_experts="mlp.shared_experts",
+            notes="softmax -> greedy or group-limited top-k (sorted=False) -> x routed_scaling_factor"),
+    *_rows(["deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "dots1", "kimi_linear",
+            "exaone_moe", "solar_open", "mimo_v2_flash", "mistral4", "mistral_large4", "bailing_hybrid",
+            "glm5_next", "dots3_note", "deepseek_v4"],
+           moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("nemotron_h", experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mixer\.experts$",
+            moe_layers="layers whose block type is 'moe'", notes=_DS_NOTE),
+    Adapter("ernie4_5_moe", moe_layers="moe_layer_start_index..end_index every moe_layer_interval",
+            shared_experts="mlp.shared_experts", notes="softmax -> top-k on probs + bias -> unbiased, renorm"),
+    Adapter("ernie4_5_vl_moe", notes="text decoder; modality-specific experts"),
+    *_rows(["afmoe", "hy_v3", "lfm2_moe", "minimax_m2"],
+           notes="sigmoid + block-owned bias -> top-k -> renormalise: not reproducible from logits"),
+    Adapter("cohere2_moe"),
+    # --- special readings ---------------------------------------------------------------------------------------
+    Adapter("llama4_text", aliases=("llama4",), router="router", reading="router_scores", logits_output=1,
+            moe_layers="moe_layers / interleave_moe_layer_step", shared_experts="feed_forward.shared_expert",
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.feed_forward\.router$",
+            notes="the router returns dense sigmoid scores (0 outside top-k) that scale the experts' input; "
+                  "every expert runs on every token"),
+    Adapter("switch_transformers", router="router", reading="onehot_capacity", logits_output=2,
+            experts=r"(?:^|\.)encoder\.block\.(?P<layer>\d+)\.layer\.\d+\.mlp\.experts$",
+            moe_layers="every encoder_sparse_step-th block (encoder stack captured)",
+            notes="top-1 with a per-sequence capacity: dropped tokens are recorded as expert -1"),
+    Adapter("zaya", reading="skip_zero_weight",
+            notes="router also takes state from the previous layer; index E means skip (arrives as 0 with weight 0)"),
+    Adapter("longcat_flash", router="router", num_experts_attrs=("n_routed_experts", "zero_expert_num"),
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp\.experts$",
+            notes="zero-experts: ids >= n_routed_experts are identity experts; the trace counts them as experts"),
+    Adapter("gemma4_text", aliases=("gemma4",), router="router",
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.experts$",
+            notes="router and experts sit on the decoder layer beside a dense MLP; router output 0 is "
+                  "probabilities, not logits"),
+]
+
+ADAPTERS: dict[str, Adapter] = {}
+for _row in ADAPTERS_LIST:
+    for _name in (_row.family, *_row.aliases):
+        ADAPTERS[_name] = _row
+
+GENERIC = Adapter("generic", experts=r"(?:^|\.)(?P<layer>\d+)\.(?:[\w]+\.)*experts$", router="gate",
+                  notes="fallback: any '...experts' module whose forward takes (hidden, top_k_index, top_k_weights)")
+
+
+def supported_families() -> list[str]:
+    return sorted({row.family for row in ADAPTERS_LIST})
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer found in a model."""
+
+    layer: int
+    name: str
+    module: nn.Module
+    router: nn.Module | None
+    num_experts: int
+
+
+def _model_types(model: nn.Module) -> list[str]:
+    cfg = getattr(model, "config", None)
+    out = []
+    for c in (cfg, getattr(cfg, "text_config", None), getattr(cfg, "get_text_config", lambda: None)()):
+        mt = getattr(c, "model_type", None)
+        if mt and mt not in out:
+            out.append(mt)
+    return out
+
+
+def _takes_routing_args(module: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _num_experts(module: nn.Module, config, attrs: tuple[str, ...]) -> int:
+    if attrs:
+        total = sum(int(getattr(config, a, 0) or 0) for a in attrs)
+        if total:
+            return total
+    for a in NUM_EXPERTS_ATTRS:
+        v = getattr(module, a, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    for a in NUM_EXPERTS_ATTRS:
+        v = getattr(config, a, None)
+        if isinstance(v, int) and v > 0:
+            return v
+        if isinstance(v, (list, tuple)) and v:
+            return int(max(v))
+    raise UnsupportedModelError(f"cannot tell how many experts {type(module).__name__} has.")
+
+
+def resolve_adapter(model: nn.Module, adapter: Adapter | str | None = None) -> Adapter:
+    """The table row for ``model`` (by ``config.model_type``), or the generic fallback."""
+    if isinstance(adapter, Adapter):
+        return adapter
+    if isinstance(adapter, str):
+        if adapter not in ADAPTERS:
+            raise UnsupportedModelError(f"unknown adapter {adapter!r}; known: {', '.join(supported_families())}.")
+        return ADAPTERS[adapter]
+    for mt in _model_types(model):
+        if mt in ADAPTERS:
+            return ADAPTERS[mt]
+    return GENERIC
+
+
+def find_moe_layers(model: nn.Module, adapter: Adapter) -> list[MoELayer]:
+    """The MoE layers of ``model`` in layer order; a clear error for a dense model or an unknown layout."""
+    pattern = re.compile(adapter.experts)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found: dict[int, MoELayer] = {}
+    for name, module in model.named_modules():
+        m = pattern.search(name)
+        if not m:
+            continue
+        if adapter.reading in ("experts_args", "onehot_capacity", "skip_zero_weight") and not _takes_routing_args(
+            module
+        ):
+            continue
+        layer = int(m.group("layer"))
+        if layer in found:
+            raise UnsupportedModelError(
+                f"two MoE modules claim decoder layer {layer} ({found[layer].name}, {name}); "
+                f"the {adapter.family} adapter's pattern is ambiguous for this model."
+            )
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        parent = model.get_submodule(parent_name) if parent_name else model
+        router = getattr(parent, adapter.router, None) if adapter.router else None
+        if adapter.reading == "router_scores":
+            router = module
+        num = _num_experts(module if adapter.reading != "router_scores" else parent, text_config,
+                           adapter.num_experts_attrs)
+        found[layer] = MoELayer(layer=layer, name=name, module=module, router=router, num_experts=num)
+    if not found:
+        types = ", ".join(_model_types(model)) or type(model).__name__
+        has_experts = any(n.endswith("experts") for n, _ in model.named_modules())
+        what = "an MoE layout this version does not know" if has_experts else "a dense model (no MoE layers)"
+        raise UnsupportedModelError(
+            f"model_type {types!r} looks like {what}: no experts modules matched the "
+            f"{adapter.family!r} adapter. Supported families: {', '.join(supported_families())}. "
+            "For a new layout, pass capture(model, adapter=Adapter(...)) with the experts module pattern."
+        )
+    return [found[k] for k in sorted(found)]

@@ -1,0 +1,478 @@
+"""Capture what every router decided, with hooks that never change the model's outputs.
+
+``with capture(model) as rec: model(**batch)`` installs
+
+- a forward pre-hook and a forward hook on the model you call (they read ``input_ids``/``attention_mask``/
+  cache position from the call itself, then collect the batch once the forward returns);
+- per MoE layer, a hook chosen by the adapter table (``adapters.py``): by default a forward pre-hook on the
+  experts module, which sees exactly the ``(top_k_index, top_k_weights)`` the experts are run with;
+- with ``logits=True``, a forward hook on each router for its raw logits.
+
+Records stay on the model's device during a forward (no per-layer synchronisation); at the end of each forward
+they are copied to the host once. Padding tokens are dropped using the call's own attention mask. Hooks never
+return a value and are always removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import Adapter, MoELayer, find_moe_layers, resolve_adapter
+from .errors import CaptureError
+from .trace import NO_EXPERT, RoutingTrace
+
+# ---------------------------------------------------------------------------------------------- readings
+# Each reader turns what a hook saw into (index [T, k] int, weights [T, k] float) tensors on the model's device.
+
+
+def _read_experts_args(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    values = list(bound.values())
+    if len(values) < 3:
+        raise CaptureError(
+            f"the experts module was called with {len(values)} arguments; expected (hidden, index, weights)."
+        )
+    index, weights = values[1], values[2]
+    return index, weights
+
+
+def _read_onehot_capacity(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
+    onehot, weights = _read_experts_args(args, kwargs, sig)
+    onehot = onehot.reshape(onehot.shape[0], -1)  # [T, E]
+    routed = onehot.sum(dim=-1) > 0
+    index = torch.where(routed, onehot.argmax(dim=-1), torch.full_like(routed, NO_EXPERT, dtype=torch.long))
+    w = torch.where(routed, weights.reshape(-1).to(torch.float32), torch.zeros((), dtype=torch.float32,
+                                                                               device=weights.device))
+    return index[:, None], w[:, None]
+
+
+def _read_skip_zero_weight(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
+    index, weights = _read_experts_args(args, kwargs, sig)
+    index = torch.where(weights == 0, torch.full_like(index, NO_EXPERT), index)
+    return index, weights
+
+
+READERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "experts_args": _read_experts_args,
+    "onehot_capacity": _read_onehot_capacity,
+    "skip_zero_weight": _read_skip_zero_weight,
+}
+
+
+def _read_router_scores(output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, logits = output[0], output[1]
+    index = torch.topk(logits, k, dim=-1).indices
+    return index, scores.gather(-1, index)
+
+
+# ---------------------------------------------------------------------------------------------- the recorder
+@dataclass
+class _Call:
+    """Facts of one forward call of the top model, gathered before it runs."""
+
+    batch: int
+    seq: int
+    mask: torch.Tensor  # bool [batch, seq]: real tokens of this call
+    positions: torch.Tensor  # int [batch, seq]
+    token_ids: torch.Tensor | None  # int [batch, seq]
+    decode: bool
+
+
+class Recorder:
+    """Collects routing decisions across forward calls; ``trace()`` returns them as a RoutingTrace."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, moe_layers: list[MoELayer], *, logits: bool,
+                 model_name: str) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.moe_layers = moe_layers
+        self.layers = tuple(m.layer for m in moe_layers)
+        self.num_experts = max(m.num_experts for m in moe_layers)
+        self.logits = logits
+        self.model_name = model_name
+        self.top_k = _config_top_k(model)
+        self._call: _Call | None = None
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending_logits: dict[int, torch.Tensor] = {}
+        self._batches: list[dict[str, np.ndarray]] = []
+        self._next_doc = 0
+        self._last_docs: np.ndarray | None = None
+        self.num_calls = 0
+
+    # ---- bookkeeping used by capture_corpus
+    def start_docs_at(self, doc_id: int) -> None:
+        """The next new sequence gets this document id (then +1 per batch row)."""
+        self._next_doc = int(doc_id)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(b["doc_ids"]) for b in self._batches)
+
+    # ---- hooks
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pending.clear()
+        self._pending_logits.clear()
+        self._call = _describe_call(module, args, kwargs)
+
+    def _on_experts(self, layer: int, reader: Callable, sig: inspect.Signature):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._call is None:
+                return None
+            index, weights = reader(args, kwargs, sig)
+            self._stash(layer, index, weights)
+            return None
+
+        return hook
+
+    def _on_router_scores(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._call is None:
+                return None
+            k = self.top_k or int(getattr(module, "top_k", 1))
+            index, weights = _read_router_scores(output, k)
+            self._stash(layer, index, weights)
+            if self.logits:
+                self._pending_logits[layer] = _to_host(output[self.adapter.logits_output or 0])
+            return None
+
+        return hook
+
+    def _on_router(self, layer: int, out_index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._call is None:
+                return None
+            logits = output[out_index] if isinstance(output, (tuple, list)) else output
+            self._pending_logits[layer] = _to_host(logits)
+            return None
+
+        return hook
+
+    def _stash(self, layer: int, index: torch.Tensor, weights: torch.Tensor) -> None:
+        if not (isinstance(index, torch.Tensor) and isinstance(weights, torch.Tensor)):
+            raise CaptureError(
+                f"layer {layer}: the router handed the experts {type(index).__name__}/{type(weights).__name__}, "
+                "not tensors; this layout needs its own row in moe_routing.adapters."
+            )
+        index = index.reshape(-1, index.shape[-1]) if index.dim() > 1 else index[:, None]
+        weights = weights.reshape(index.shape[0], -1)
+        if weights.shape != index.shape:
+            raise CaptureError(
+                f"layer {layer}: routing weights {tuple(weights.shape)} do not match expert ids "
+                f"{tuple(index.shape)}; the router returns something unexpected for the {self.adapter.family} "
+                "adapter."
+            )
+        self._pending[layer] = (_to_host(index), _to_host(weights))
+
+    def _on_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call, self._call = self._call, None
+        if call is None:
+            return None
+        try:
+            self._collect(call)
+        finally:
+            self._pending.clear()
+            self._pending_logits.clear()
+        return None
+
+    def _collect(self, call: _Call) -> None:
+        missing = [m.layer for m in self.moe_layers if m.layer not in self._pending]
+        if len(missing) == len(self.moe_layers):
+            return  # e.g. an encoder-only pass of an encoder-decoder model whose MoE sits elsewhere
+        if missing:
+            raise CaptureError(
+                f"MoE layers {missing} did not route during this forward while others did; "
+                "capture cannot produce a consistent trace (was the model truncated or partly compiled?)."
+            )
+        _synchronize(self._pending, self._pending_logits)
+        n_rows = call.batch * call.seq
+        ks = {idx.shape[1] for idx, _ in self._pending.values()}
+        k = max(ks)
+        ids = np.full((n_rows, len(self.layers), k), NO_EXPERT, dtype=np.int16)
+        w = np.zeros((n_rows, len(self.layers), k), dtype=np.float32)
+        for j, layer in enumerate(self.layers):
+            idx, wt = self._pending[layer]
+            if idx.shape[0] != n_rows:
+                raise CaptureError(
+                    f"layer {layer} routed {idx.shape[0]} rows but the call had batch {call.batch} x seq "
+                    f"{call.seq} = {n_rows} tokens; this model reshapes tokens in a way the adapter does not know."
+                )
+            ids[:, j, : idx.shape[1]] = idx.numpy()
+            w[:, j, : idx.shape[1]] = wt.to(torch.float32).numpy()
+        if self.top_k is None or k > self.top_k:
+            self.top_k = k
+        keep = call.mask.reshape(-1).cpu().numpy()
+        rows = np.flatnonzero(keep)
+        if call.decode and self._last_docs is not None and len(self._last_docs) == call.batch:
+            row_docs = self._last_docs
+        else:
+            row_docs = np.arange(self._next_doc, self._next_doc + call.batch, dtype=np.int64)
+            self._next_doc += call.batch
+        self._last_docs = row_docs
+        batch = {
+            "expert_ids": ids[rows],
+            "weights": w[rows],
+            "doc_ids": np.repeat(row_docs, call.seq)[rows],
+            "positions": call.positions.reshape(-1).cpu().numpy()[rows].astype(np.int32),
+            "token_ids": (
+                call.token_ids.reshape(-1).cpu().numpy()[rows].astype(np.int32)
+                if call.token_ids is not None
+                else np.full(len(rows), -1, dtype=np.int32)
+            ),
+            "phase": np.full(len(rows), "decode" if call.decode else "prefill"),
+        }
+        if self.logits:
+            if len(self._pending_logits) != len(self.layers):
+                raise CaptureError("router logits were requested but some routers did not report them.")
+            logit_rows = [self._pending_logits[layer].reshape(n_rows, -1) for layer in self.layers]
+            width = max(x.shape[1] for x in logit_rows)
+            lg = np.full((n_rows, len(self.layers), width), np.nan, dtype=np.float16)
+            for j, x in enumerate(logit_rows):
+                lg[:, j, : x.shape[1]] = x.to(torch.float32).numpy()
+            batch["router_logits"] = lg[rows]
+        self._batches.append(batch)
+        self.num_calls += 1
+
+    # ---- results
+    def trace(self, *, labels: dict[str, Sequence[Any]] | None = None, clear: bool = False) -> RoutingTrace:
+        """Everything captured so far as one RoutingTrace (``[tokens, layers, k]``, real tokens only).
+
+        ``labels`` maps a name to one value per captured document (e.g. per prompt) or per token.
+        ``clear=True`` empties the recorder afterwards (bounded memory for long runs).
+        """
+        if not self._batches:
+            raise CaptureError(
+                "nothing was captured: run the model inside the `with capture(model) as rec:` block "
+                "(call the same model object you passed to capture)."
+            )
+        k = max(b["expert_ids"].shape[2] for b in self._batches)
+
+        def pad(a: np.ndarray, fill: Any) -> np.ndarray:
+            if a.shape[2] == k:
+                return a
+            out = np.full((*a.shape[:2], k), fill, dtype=a.dtype)
+            out[:, :, : a.shape[2]] = a
+            return out
+
+        cat = {key: np.concatenate([b[key] for b in self._batches]) for key in self._batches[0] if
+               key not in ("expert_ids", "weights")}
+        ids = np.concatenate([pad(b["expert_ids"], NO_EXPERT) for b in self._batches])
+        w = np.concatenate([pad(b["weights"], 0.0) for b in self._batches])
+        all_labels: dict[str, np.ndarray] = {"phase": cat.pop("phase")}
+        for name, values in (labels or {}).items():
+            all_labels[name] = _expand_label(name, values, cat["doc_ids"])
+        trace = RoutingTrace(
+            expert_ids=ids,
+            weights=w,
+            layers=self.layers,
+            num_experts=self.num_experts,
+            token_ids=cat["token_ids"],
+            positions=cat["positions"],
+            doc_ids=cat["doc_ids"],
+            labels=all_labels,
+            router_logits=cat.get("router_logits"),
+            model_name=self.model_name,
+            meta={"adapter": self.adapter.family},
+        )
+        if clear:
+            self.clear()
+        return trace
+
+    def clear(self) -> None:
+        self._batches.clear()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Detach and start the copy to the host; on CUDA the copy is asynchronous (synchronised once per batch)."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.clone()
+    return t.to("cpu", non_blocking=True)
+
+
+def _synchronize(*stores: dict) -> None:
+    """One synchronisation per batch for asynchronous device-to-host copies (not per layer)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _config_top_k(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for a in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k"):
+        v = getattr(cfg, a, None)
+        if isinstance(v, int) and v > 0:
+            return v
+        if isinstance(v, (list, tuple)) and v:
+            return int(max(v))
+    return None
+
+
+def _expand_label(name: str, values: Sequence[Any], doc_ids: np.ndarray) -> np.ndarray:
+    arr = np.asarray(values)
+    if len(arr) == len(doc_ids):
+        return arr
+    docs = np.unique(doc_ids)
+    if docs.size and docs.min() >= 0 and docs.max() < len(arr):
+        return arr[doc_ids]
+    raise CaptureError(
+        f"label {name!r} has {len(arr)} values; give one per document ({len(docs)} captured) or one per token "
+        f"({len(doc_ids)})."
+    )
+
+
+_CALL_SIGS: dict[type, inspect.Signature] = {}
+
+
+def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call:
+    sig = _CALL_SIGS.get(type(module))
+    if sig is None:
+        sig = _CALL_SIGS[type(module)] = inspect.signature(module.forward)
+    try:
+        bound = sig.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = dict(kwargs)
+    extra = bound.pop("kwargs", None)
+    if isinstance(extra, dict):
+        bound.update(extra)
+    input_ids = bound.get("input_ids")
+    embeds = bound.get("inputs_embeds")
+    if isinstance(input_ids, torch.Tensor):
+        shape = tuple(input_ids.shape)
+    elif isinstance(embeds, torch.Tensor):
+        shape = tuple(embeds.shape[:2])
+    else:
+        raise CaptureError("capture needs the model to be called with input_ids or inputs_embeds.")
+    if len(shape) == 1:
+        shape = (1, shape[0])
+    batch, seq = shape
+    mask = bound.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = mask.to(torch.bool)
+        if mask.shape[0] != batch or mask.shape[1] < seq:
+            raise CaptureError(
+                f"attention_mask has shape {tuple(mask.shape)} but the inputs are [batch={batch}, seq={seq}]."
+            )
+        real = mask[:, -seq:]
+        positions = (mask.to(torch.int64).cumsum(dim=1) - 1)[:, -seq:]
+        decode = mask.shape[1] > seq
+    elif mask is None or isinstance(mask, dict):
+        past = _past_length(bound)
+        real = torch.ones((batch, seq), dtype=torch.bool)
+        positions = (past + torch.arange(seq))[None, :].expand(batch, seq)
+        decode = past > 0
+    else:
+        raise CaptureError(
+            f"capture reads padding from a 2-D attention_mask [batch, seq]; got a {mask.dim()}-D mask. "
+            "Pass the tokenizer's attention_mask (capture drops padding tokens with it)."
+        )
+    token_ids = input_ids.reshape(batch, seq) if isinstance(input_ids, torch.Tensor) else None
+    return _Call(batch=batch, seq=seq, mask=real.cpu(), positions=positions.cpu(),
+                 token_ids=None if token_ids is None else token_ids.cpu(), decode=bool(decode))
+
+
+def _past_length(bound: dict) -> int:
+    cache_position = bound.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    past = bound.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length"):
+        try:
+            return int(past.get_seq_length())
+        except (TypeError, ValueError, AttributeError):
+            return 0
+    return 0
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
+
+
+def _warn_if_compiled(model: nn.Module) -> None:
+    compiled = type(model).__name__ == "OptimizedModule" or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
+    )
+    if compiled:
+        warnings.warn(
+            "this model (or a submodule) was compiled with torch.compile before capture added its hooks; "
+            "compiled graphs do not run hooks added later, so nothing may be recorded. Call capture() before "
+            "compiling, or capture on the uncompiled model.",
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- public API
+@contextmanager
+def capture(
+    model: nn.Module,
+    *,
+    logits: bool = False,
+    layers: Sequence[int] | None = None,
+    adapter: Adapter | str | None = None,
+) -> Iterator[Recorder]:
+    """Record every routing decision of ``model`` inside the ``with`` block.
+
+    Args:
+        model: a transformers MoE model (the object you call; ``...ForCausalLM`` or its base model).
+        logits: also keep the full router logits (float16 ``[tokens, layers, experts]``).
+        layers: decoder-layer indices to record (default: every MoE layer).
+        adapter: override the adapter-table row (a family name or an ``Adapter``).
+
+    Yields a ``Recorder``; ``rec.trace()`` gives a ``RoutingTrace`` of the real (non-padding) tokens.
+    """
+    row = resolve_adapter(model, adapter)
+    moe_layers = find_moe_layers(model, row)
+    if layers is not None:
+        wanted = {int(x) for x in layers}
+        unknown = wanted - {m.layer for m in moe_layers}
+        if unknown:
+            raise CaptureError(
+                f"layers {sorted(unknown)} are not MoE layers of this model; MoE layers: "
+                f"{[m.layer for m in moe_layers]}."
+            )
+        moe_layers = [m for m in moe_layers if m.layer in wanted]
+    if getattr(model, "_moe_routing_capturing", False):
+        raise CaptureError(
+            "this model is already inside a capture() block; nested captures on one model are refused "
+            "(use one recorder, or call rec.trace(clear=True) between parts)."
+        )
+    if logits and row.logits_output is None:
+        raise CaptureError(f"the {row.family} adapter cannot read raw router logits.")
+    _warn_if_compiled(model)
+    rec = Recorder(model, row, moe_layers, logits=logits, model_name=_model_name(model))
+    handles = []
+    model._moe_routing_capturing = True
+    try:
+        handles.append(model.register_forward_pre_hook(rec._on_call, with_kwargs=True))
+        handles.append(model.register_forward_hook(rec._on_return, with_kwargs=True))
+        for m in moe_layers:
+            if row.reading == "router_scores":
+                handles.append(m.module.register_forward_hook(rec._on_router_scores(m.layer)))
+                continue
+            reader = READERS[row.reading]
+            sig = inspect.signature(m.module.forward)
+            handles.append(m.module.register_forward_pre_hook(rec._on_experts(m.layer, reader, sig),
+                                                              with_kwargs=True))
+            if logits:
+                if m.router is None:
+                    raise CaptureError(
+                        f"layer {m.layer}: no router module {row.router!r} next to {m.name}; logits=True "
+                        "cannot be honoured for this model."
+                    )
+                handles.append(m.router.register_forward_hook(rec._on_router(m.layer, row.logits_output or 0)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+        model._moe_routing_capturing = False
+        rec._call = None
