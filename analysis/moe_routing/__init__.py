@@ -1,9 +1,20 @@
-"""moe_routing: capture, store, analyse and show how Mixture-of-Experts models route their tokens."""
+"""moe_routing: capture, store, analyse and show how Mixture-of-Experts models route their tokens.
+
+    import moe_routing as mr
+    model, tokenizer = mr.load_model("demo")
+    with mr.capture(model) as rec:
+        model(**tokenizer(texts, return_tensors="pt", padding=True))
+    trace = rec.trace()                      # RoutingTrace [tokens, moe_layers, k]
+    mr.metrics.load_balance(trace)
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import metrics
+from .adapters import ADAPTERS, Adapter, supported_families
+from .capture import Recorder, capture
 from .errors import (
     CaptureError,
     CorpusError,
@@ -13,16 +24,29 @@ from .errors import (
     TraceError,
     UnsupportedModelError,
 )
+from .models import load_model
+from .pipeline import capture_corpus
+from .store import TraceReader, open_trace
 from .trace import RoutingTrace
 
 __all__ = [
+    "ADAPTERS",
+    "Adapter",
     "CaptureError",
     "CorpusError",
     "CorruptShardError",
     "MetricError",
     "MoERoutingError",
+    "Recorder",
     "RoutingTrace",
     "TraceError",
+    "TraceReader",
     "UnsupportedModelError",
     "__version__",
+    "capture",
+    "capture_corpus",
+    "load_model",
+    "metrics",
+    "open_trace",
+    "supported_families",
 ]
