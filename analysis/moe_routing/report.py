@@ -1,0 +1,567 @@
+"""Execute the notebooks and publish them as one static, offline HTML report.
+
+For each ``notebooks/NN_*.py`` (jupytext py:percent) :func:`build_report` converts the source to a notebook,
+executes it with papermill (parameters go into the cell tagged ``parameters``), writes the executed
+``.ipynb`` and an HTML page (nbconvert, plotly figures embedded with plotly.js included once per page, so the
+page works without network), and finally ``index.html`` linking every page with its run time and status.
+
+    python -m moe_routing.report                       # all notebooks -> report/
+    python -m moe_routing.report --only 01 --param trace_dir=runs/demo --param max_docs=50
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as _dt
+import html
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NOTEBOOK_PATTERN = re.compile(r"^\d{2}_[\w.-]*\.py$")
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+@dataclass
+class NotebookResult:
+    """Outcome of one notebook: where its outputs are, how long it ran, and whether it succeeded."""
+
+    name: str
+    title: str
+    source: str
+    status: str  # "ok" | "failed"
+    seconds: float
+    html: str | None = None
+    ipynb: str | None = None
+    error: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- kernel
+def ensure_kernel(name: str = "python3") -> str:
+    """Make sure a Jupyter kernel ``name`` runs this interpreter (the one that has ``moe_routing``).
+
+    A spec whose command is plain ``python`` is fine (jupyter_client starts it with ``sys.executable``).
+    A missing spec is installed into ``sys.prefix`` (``ipykernel install --sys-prefix``). Returns the spec's
+    directory.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    plain = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+
+    def usable(spec: Any) -> bool:
+        exe = spec.argv[0] if spec.argv else ""
+        if exe in plain:
+            return True
+        try:
+            return (
+                Path(exe).resolve() == Path(sys.executable).resolve()
+                or Path(exe).parent.resolve() == Path(sys.executable).parent.resolve()
+            )
+        except OSError:
+            return False
+
+    ksm = KernelSpecManager()
+    try:
+        spec = ksm.get_kernel_spec(name)
+        if usable(spec):
+            return spec.resource_dir
+        log.warning(
+            "kernel %r runs %s, not %s; installing one into %s",
+            name,
+            spec.argv[0],
+            sys.executable,
+            sys.prefix,
+        )
+    except NoSuchKernel:
+        log.info("no Jupyter kernel %r; installing one into %s", name, sys.prefix)
+    from ipykernel.kernelspec import install
+
+    path = install(kernel_name=name, prefix=sys.prefix, display_name=f"Python 3 ({Path(sys.prefix).name})")
+    spec = KernelSpecManager().get_kernel_spec(name)
+    if not usable(spec):
+        raise RuntimeError(
+            f"Jupyter kernel {name!r} at {spec.resource_dir} runs {spec.argv[0]}, which is not this environment's "
+            f"Python ({sys.executable}); remove that kernel spec or pass another kernel name."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------- discovery
+def find_notebooks(notebooks_dir: str | Path = "notebooks", only: Sequence[str] | None = None) -> list[Path]:
+    """The ``NN_*.py`` notebook sources in ``notebooks_dir``, in order.
+
+    ``only`` keeps those whose number (``"01"``/``"1"``), stem or part of the stem matches one of the entries.
+    """
+    root = Path(notebooks_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"notebook folder {root} does not exist.")
+    paths = sorted(p for p in root.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name))
+    if only:
+        keep = []
+        for p in paths:
+            num = p.name[:2]
+            for sel in only:
+                s = str(sel).strip()
+                if (
+                    (s.isdigit() and int(s) == int(num))
+                    or s in {p.stem, p.name}
+                    or (not s.isdigit() and s in p.stem)
+                ):
+                    keep.append(p)
+                    break
+        if not keep:
+            raise FileNotFoundError(
+                f"--only {list(only)} matches none of the notebooks in {root}: {[p.name for p in paths]}."
+            )
+        paths = keep
+    return paths
+
+
+def notebook_title(nb: Any, fallback: str) -> str:
+    """The first Markdown heading of a notebook (``# Title``), else ``fallback``."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                m = re.match(r"^#{1,6}\s+(.*\S)", line.strip())
+                if m:
+                    return m.group(1)
+    return fallback
+
+
+# --------------------------------------------------------------------------------------------- html
+def _plotly_outputs_to_html(nb: Any) -> int:
+    """Give every plotly mimetype output a ``text/html`` rendering (a div + script, no plotly.js).
+
+    Returns the number of figures converted. The notebook is modified in place.
+    """
+    import plotly.io as pio
+
+    n = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data") if out.get("output_type") in {"display_data", "execute_result"} else None
+            if not data or PLOTLY_MIME not in data:
+                continue
+            spec = data[PLOTLY_MIME]
+            if isinstance(spec, str):
+                spec = json.loads(spec)
+            fig = {k: spec[k] for k in ("data", "layout", "frames") if k in spec}
+            config = {"responsive": True, "displaylogo": False, **(spec.get("config") or {})}
+            data["text/html"] = pio.to_html(
+                fig,
+                include_plotlyjs=False,
+                full_html=False,
+                config=config,
+                validate=False,
+                div_id=f"plotly-fig-{n}",
+            )
+            data.pop(PLOTLY_MIME)  # nbconvert would otherwise warn about an unknown mimetype
+            n += 1
+    return n
+
+
+def _plotlyjs_tag() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return (
+        '<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>\n'
+        f'<script type="text/javascript" charset="utf-8">{get_plotlyjs()}</script>\n'
+    )
+
+
+def render_html(nb: Any, *, title: str | None = None) -> str:
+    """HTML page of an executed notebook; plotly.js goes into ``<head>`` once (before require.js, if any)."""
+    import copy
+
+    from nbconvert import HTMLExporter
+
+    nb = copy.deepcopy(nb)
+    n_figs = _plotly_outputs_to_html(nb)
+    exporter = HTMLExporter(template_name="lab")
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title or "notebook"}})
+    # require.js (only needed by widgets) would hold the page up offline and turn plotly.js into an AMD
+    # module online; MathJax may load late without blocking the page.
+    body = re.sub(r"<script[^>]*src=\"[^\"]*require(?:\.min)?\.js\"[^>]*>\s*</script>\s*", "", body)
+    body = re.sub(r"<script(?![^>]*\basync\b)([^>]*src=\"[^\"]*mathjax[^\"]*\")", r"<script async\1", body)
+    if n_figs:
+        m = re.search(r"<head[^>]*>", body)
+        if m:
+            meta = re.search(r"<meta charset=[^>]*>", body)
+            at = meta.end() if meta else m.end()
+            body = body[:at] + "\n" + _plotlyjs_tag() + body[at:]
+        else:
+            body = _plotlyjs_tag() + body
+    return body
+
+
+# --------------------------------------------------------------------------------------------- execution
+def parse_value(text: str) -> Any:
+    """``--param`` values: Python/JSON literals (``3``, ``0.5``, ``[1, 2]``, ``'x'``), true/false/none, else text."""
+    low = text.strip().lower()
+    if low in {"true", "false"}:
+        return low == "true"
+    if low in {"none", "null"}:
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{"k": parsed v}``."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--param needs KEY=VALUE, got {item!r}.")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise ValueError(f"--param name {key!r} is not a Python identifier.")
+        params[key] = parse_value(value)
+    return params
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_notebook(
+    source: Path,
+    out_dir: Path,
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    kernel: str = "python3",
+    timeout: float | None = None,
+) -> NotebookResult:
+    """Execute one py:percent notebook into ``out_dir`` (``<stem>.ipynb`` and ``<stem>.html``)."""
+    import jupytext
+    import nbformat
+    import papermill as pm
+
+    nb = jupytext.read(source)
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": f"Python ({kernel})", "language": "python"}
+    title = notebook_title(nb, source.stem)
+    out_ipynb = out_dir / f"{source.stem}.ipynb"
+    out_html = out_dir / f"{source.stem}.html"
+    params = dict(parameters or {})
+    status, error = "ok", None
+    start = time.perf_counter()
+    try:
+        with _env(PLOTLY_RENDERER="plotly_mimetype", MPLBACKEND="module://matplotlib_inline.backend_inline"):
+            pm.execute_notebook(
+                nb,
+                str(out_ipynb),
+                parameters=params,
+                kernel_name=kernel,
+                cwd=str(source.parent.resolve()),
+                progress_bar=False,
+                log_output=False,
+                request_save_on_cell_execute=False,
+                execution_timeout=timeout,
+            )
+    except Exception as exc:  # a failing notebook is reported, not fatal for the others
+        status = "failed"
+        error = f"{type(exc).__name__}: {exc}".strip()
+        ename = getattr(exc, "ename", None)
+        if ename:
+            error = f"{ename}: {getattr(exc, 'evalue', '')}".strip()
+    seconds = time.perf_counter() - start
+    html_name = None
+    if out_ipynb.exists():
+        executed = nbformat.read(out_ipynb, as_version=4)
+        out_html.write_text(render_html(executed, title=title), encoding="utf-8")
+        html_name = out_html.name
+    return NotebookResult(
+        name=source.stem,
+        title=title,
+        source=str(source),
+        status=status,
+        seconds=round(seconds, 2),
+        html=html_name,
+        ipynb=out_ipynb.name if out_ipynb.exists() else None,
+        error=error,
+        parameters=params,
+    )
+
+
+# --------------------------------------------------------------------------------------------- chromium
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def _chromium(args: Sequence[str], page: Path, *, budget_ms: int, timeout: float) -> str:
+    """Run headless Chromium on ``page`` with extra ``args``; returns its stdout."""
+    import subprocess
+    import tempfile
+
+    from .plots.export import find_browser
+
+    exe = find_browser()
+    with tempfile.TemporaryDirectory(prefix="moe-chromium-") as profile:
+        cmd = [
+            exe,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            *args,
+        ]
+        proc = subprocess.run(
+            [*cmd, Path(page).resolve().as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"chromium failed ({proc.returncode}) on {page}: {proc.stderr[-800:]}")
+    return proc.stdout
+
+
+def dump_dom(page: str | Path, *, budget_ms: int = 10000, timeout: float = 120) -> str:
+    """The DOM of ``page`` after its scripts ran (headless Chromium ``--dump-dom``)."""
+    return _chromium(["--dump-dom"], Path(page), budget_ms=budget_ms, timeout=timeout)
+
+
+def screenshot(
+    page: str | Path,
+    png: str | Path,
+    *,
+    size: tuple[int, int] = (1400, 2000),
+    budget_ms: int = 10000,
+    timeout: float = 120,
+) -> Path:
+    """PNG screenshot of ``page`` (``size`` = window width, height in CSS pixels) by headless Chromium."""
+    png = Path(png).resolve()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    _chromium(
+        [f"--screenshot={png}", f"--window-size={size[0]},{size[1]}"],
+        Path(page),
+        budget_ms=budget_ms,
+        timeout=timeout,
+    )
+    if not png.exists():
+        raise RuntimeError(f"chromium wrote no screenshot of {page}.")
+    return png
+
+
+class _FigureCensus(HTMLParser):
+    """Counts, per plotly graph div, its ``svg.main-svg`` elements and drawn marks (traces, images, canvas)."""
+
+    _VOID = frozenset(
+        {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures: list[dict[str, Any]] = []
+        self._stack: list[tuple[str, list[str]]] = []  # open elements inside the current figure
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        cls = (a.get("class") or "").split()
+        if not self._stack:
+            if tag == "div" and "plotly-graph-div" in cls:
+                self.figures.append(
+                    {"id": a.get("id"), "rendered": "js-plotly-plot" in cls, "main_svg": 0, "marks": 0}
+                )
+                self._stack.append((tag, cls))
+            return
+        fig = self.figures[-1]
+        if tag == "svg" and "main-svg" in cls:
+            fig["main_svg"] += 1
+        elif self._is_mark(tag, cls, a, self._stack[-1][1]):
+            fig["marks"] += 1
+        if tag not in self._VOID:
+            self._stack.append((tag, cls))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if self._stack and tag not in self._VOID and self._stack[-1][0] == tag:
+            self._stack.pop()
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self._stack) - 1, -1, -1):
+            if self._stack[i][0] == tag:
+                del self._stack[i:]
+                return
+
+    @staticmethod
+    def _is_mark(tag: str, cls: list[str], a: dict[str, str | None], parent: list[str]) -> bool:
+        """A drawn element: WebGL canvas, heatmap image, bar/marker/line path, Sankey node."""
+        if tag == "canvas":
+            return True
+        if tag == "image":
+            return bool(a.get("href") or a.get("xlink:href"))
+        if tag == "path":
+            marked = any(c in cls for c in ("point", "js-line", "sankey-link")) or "point" in parent
+            return bool((a.get("d") or "").strip()) and marked
+        return tag == "rect" and "node-rect" in cls
+
+
+def rendered_figures(dom: str) -> list[dict[str, Any]]:
+    """One entry per plotly figure in a dumped DOM: ``id``, ``rendered``, ``main_svg`` and ``marks`` counts.
+
+    A figure drew something when ``main_svg > 0`` and ``marks > 0`` (bars, markers, lines, heatmap images,
+    Sankey nodes/links, WebGL canvases).
+    """
+    census = _FigureCensus()
+    census.feed(dom)
+    return census.figures
+
+
+def screenshot_report(out_dir: str | Path = "report", *, size: tuple[int, int] = (1400, 2000)) -> list[Path]:
+    """Screenshots of ``index.html`` and every rendered notebook page into ``out_dir/screenshots/``."""
+    out = Path(out_dir)
+    pages = [out / "index.html", *sorted(p for p in out.glob("*.html") if p.name != "index.html")]
+    return [screenshot(p, out / "screenshots" / f"{p.stem}.png", size=size) for p in pages if p.exists()]
+
+
+# --------------------------------------------------------------------------------------------- index
+_INDEX_CSS = """
+body{font-family:Inter,'Helvetica Neue',Arial,sans-serif;margin:2.5rem auto;max-width:60rem;color:#222;padding:0 1rem}
+h1{font-weight:600;margin-bottom:.2rem} .meta{color:#666;font-size:.9rem;margin-bottom:1.5rem}
+table{border-collapse:collapse;width:100%} th,td{text-align:left;padding:.55rem .7rem;border-bottom:1px solid #e4e4e4}
+th{font-weight:600;color:#555;font-size:.85rem;text-transform:uppercase;letter-spacing:.03em}
+td.num{text-align:right;font-variant-numeric:tabular-nums} a{color:#2b5fa8;text-decoration:none} a:hover{text-decoration:underline}
+.ok{color:#2e7d32;font-weight:600} .failed{color:#c62828;font-weight:600} .err{color:#c62828;font-size:.85rem}
+code{background:#f4f4f4;padding:0 .25rem;border-radius:3px}
+"""
+
+
+def write_index(
+    results: Sequence[NotebookResult], out_dir: Path, *, parameters: Mapping[str, Any] | None = None
+) -> Path:
+    """``out_dir/index.html``: one row per notebook with links, run time and status."""
+    rows = []
+    for r in results:
+        link = (
+            f'<a href="{html.escape(r.html)}">{html.escape(r.title)}</a>' if r.html else html.escape(r.title)
+        )
+        nb = f'<a href="{html.escape(r.ipynb)}">.ipynb</a>' if r.ipynb else ""
+        err = f'<div class="err">{html.escape(r.error[:400])}</div>' if r.error else ""
+        rows.append(
+            f'<tr class="nb"><td>{link}{err}</td><td><code>{html.escape(r.name)}</code></td><td>{nb}</td>'
+            f'<td class="num">{r.seconds:.1f} s</td><td class="{r.status}">{r.status}</td></tr>'
+        )
+    ok = sum(r.status == "ok" for r in results)
+    when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    params = ", ".join(
+        f"<code>{html.escape(k)}={html.escape(repr(v))}</code>" for k, v in (parameters or {}).items()
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>moe-routing report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_INDEX_CSS}</style></head>
+<body><h1>moe-routing report</h1>
+<div class="meta">{ok} of {len(results)} notebooks ran without error · built {html.escape(when)} ·
+total {sum(r.seconds for r in results):.1f} s{" · parameters " + params if params else ""}</div>
+<table><thead><tr><th>notebook</th><th>file</th><th>executed</th><th>run time</th><th>status</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table></body></html>
+"""
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def build_report(
+    notebooks_dir: str | Path = "notebooks",
+    out_dir: str | Path = "report",
+    parameters: Mapping[str, Any] | None = None,
+    kernel: str = "python3",
+    *,
+    only: Sequence[str] | None = None,
+    timeout: float | None = None,
+) -> Path:
+    """Execute every ``notebooks_dir/NN_*.py`` and write ``out_dir/{name}.ipynb|.html`` and ``index.html``.
+
+    ``parameters`` are injected into every notebook (papermill; cell tagged ``parameters``); ``timeout`` is
+    per cell in seconds. Failures are recorded in the index (and ``report.json``), not raised. Returns the
+    path of ``index.html``.
+    """
+    sources = find_notebooks(notebooks_dir, only)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_kernel(kernel)
+    results = []
+    for src in sources:
+        log.info("running %s", src.name)
+        res = run_notebook(src, out, parameters=parameters, kernel=kernel, timeout=timeout)
+        log.info(
+            "%s: %s in %.1f s%s", src.name, res.status, res.seconds, f" ({res.error})" if res.error else ""
+        )
+        results.append(res)
+    (out / "report.json").write_text(
+        json.dumps([asdict(r) for r in results], indent=2, default=str), encoding="utf-8"
+    )
+    return write_index(results, out, parameters=parameters)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m moe_routing.report [--only NN] [--param KEY=VALUE] ...``; exit 1 if a notebook failed."""
+    ap = argparse.ArgumentParser(prog="python -m moe_routing.report", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--notebooks", default="notebooks", help="folder with the NN_*.py notebooks (default: notebooks)"
+    )
+    ap.add_argument("--out", default="report", help="output folder (default: report)")
+    ap.add_argument(
+        "--only", action="append", default=None, metavar="NN|NAME", help="run only these (repeatable)"
+    )
+    ap.add_argument(
+        "--param", "-p", action="append", default=None, metavar="KEY=VALUE", help="notebook parameter"
+    )
+    ap.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
+    ap.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
+    ap.add_argument(
+        "--screenshots", action="store_true", help="also save PNGs of every page (headless Chromium)"
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = parse_params(args.param)
+    index = build_report(args.notebooks, args.out, params, args.kernel, only=args.only, timeout=args.timeout)
+    results = json.loads((index.parent / "report.json").read_text())
+    if args.screenshots:
+        shots = screenshot_report(index.parent)
+        print(f"screenshots: {len(shots)} in {index.parent / 'screenshots'}")
+    failed = [r["name"] for r in results if r["status"] != "ok"]
+    print(
+        f"report: {index}  ({len(results) - len(failed)} ok, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''})"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
