@@ -12,7 +12,12 @@ Every row says, for one ``model_type``:
                     row is a token dropped at capacity, recorded as expert ``-1``;
   ``router_scores`` llama4: the router returns dense scores ``[T,E]`` (0 outside the top-k) that multiply the
                     experts' input; ids are the router's own top-k of its logits, weights are the scores there;
-  ``skip_zero_weight`` zaya: a "skip" slot arrives as index 0 with weight 0 and is recorded as ``-1``.
+  ``skip_zero_weight`` zaya: a "skip" slot arrives as index 0 with weight 0 and is recorded as ``-1``;
+  ``jetmoe_sorted``  jetmoe: forward hook on the router, whose expert-sorted dispatch (sorted slot positions, gates,
+                    expert sizes) is what the experts consume; it is scattered back to ``[T,k]``;
+  ``doge_product_keys`` doge: forward hook on the DogeCDMoE block; its product-key top-k is replayed from the
+                    router logits it returns (the same ops on the same tensor).
+  ``capture.OUTPUT_READERS`` holds the forward-hook readings (router_scores, jetmoe_sorted, doge_product_keys).
 - ``logits_output``: which output of the router module holds the raw router logits ``[T,E]``.
 - ``num_experts_attrs``: config attributes whose sum is the number of ids a router can emit
   (longcat_flash adds its zero-experts, ids >= n_routed_experts).
@@ -56,49 +61,98 @@ def _rows(families: Iterable[str], **common) -> list[Adapter]:
 
 
 _DS = "first_k_dense_replace dense layers first"
+_MLP_TYPES = "mlp_layer_types[i] == 'sparse'"
+_SPARSE_STEP = "not in mlp_only_layers and (i+1) % decoder_sparse_step == 0"
+_BLOCK_BIAS = "sigmoid + block-owned bias -> top-k -> renormalise: not reproducible from logits"
 _DS_NOTE = "sigmoid + e_score_correction_bias + group-limited top-k (sorted=False): not reproducible from logits"
 
 ADAPTERS_LIST: list[Adapter] = [
     # --- flagship families -------------------------------------------------------------------------------------
-    Adapter("qwen3_moe", moe_layers="not in mlp_only_layers and (i+1) % decoder_sparse_step == 0",
-            notes="softmax (fp32) -> top-k -> renormalise if norm_topk_prob"),
-    Adapter("deepseek_v3", moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
-    # --- softmax top-k routers ---------------------------------------------------------------------------------
-    Adapter("qwen2_moe", moe_layers="not in mlp_only_layers and (i+1) % decoder_sparse_step == 0",
-            shared_experts="mlp.shared_expert (sigmoid gate)"),
-    Adapter("qwen3_next", moe_layers="not in mlp_only_layers and (i+1) % decoder_sparse_step == 0",
-            shared_experts="mlp.shared_expert (sigmoid gate)", notes="hybrid linear/full attention"),
-    Adapter("qwen3_5_moe_text", aliases=("qwen3_5_moe",), shared_experts="mlp.shared_expert"),
-    Adapter("qwen3_vl_moe", aliases=("qwen3_vl_moe_text",), notes="text decoder of a vision-language model"),
-    Adapter("qwen3_omni_moe", aliases=("qwen3_omni_moe_thinker", "qwen3_omni_moe_text")),
-    *_rows(["mixtral", "minimax"], experts=DEFAULT_EXPERTS, notes="softmax -> top-k -> renormalise; weights fp32"),
+    Adapter("qwen3_moe", moe_layers=_SPARSE_STEP, notes="softmax (fp32) -> top-k -> renormalise if norm_topk_prob"),
+    Adapter("deepseek_v3", aliases=("kimi_k25",), moe_layers=_DS, shared_experts="mlp.shared_experts",
+            notes=_DS_NOTE),
+    # --- softmax / linear top-k routers ------------------------------------------------------------------------
+    Adapter("qwen2_moe", moe_layers=_SPARSE_STEP, shared_experts="mlp.shared_expert (sigmoid gate)"),
+    Adapter("qwen3_next", moe_layers=_SPARSE_STEP, shared_experts="mlp.shared_expert (sigmoid gate)",
+            notes="hybrid linear/full attention"),
+    Adapter("qwen3_5_moe_text", aliases=("qwen3_5_moe",), shared_experts="mlp.shared_expert",
+            notes="hybrid linear/full attention"),
+    Adapter("qwen4_exp_text", aliases=("qwen4_exp",), shared_experts="mlp.shared_expert",
+            notes="hybrid linear/indexed attention"),
+    Adapter("qwen3_vl_moe", aliases=("qwen3_vl_moe_text",), moe_layers=_SPARSE_STEP,
+            notes="text decoder of a vision-language model"),
+    Adapter("qwen3_omni_moe", aliases=("qwen3_omni_moe_thinker", "qwen3_omni_moe_text"), moe_layers=_SPARSE_STEP,
+            experts=r"^(?!talker\.)(?:[\w.]*\.)?layers\.(?P<layer>\d+)\.mlp\.experts$",
+            notes="the thinker's text decoder; the talker (a second MoE decoder) is not captured"),
+    *_rows(["mixtral", "minimax"], notes="softmax -> top-k -> renormalise; weights fp32"),
+    Adapter("minimax_m3_vl", aliases=("minimax_m3_vl_text",), moe_layers=_MLP_TYPES,
+            shared_experts="mlp.shared_experts"),
     *_rows(["olmoe", "flex_olmo"], notes="softmax -> top-k, no renormalisation by default"),
     Adapter("jamba", router="router", moe_layers="i % expert_layer_period == expert_layer_offset",
             notes="softmax -> top-k, no renormalisation"),
     Adapter("hunyuan_v1_moe", shared_experts="mlp.shared_mlp",
-            notes="num_experts and top-k may be per-layer lists; the trace keeps the largest"),
+            notes="top-k may be a per-layer list: layers with a smaller k leave their last slots -1"),
     Adapter("gpt_oss", router="router", notes="linear+bias -> top-k on logits -> softmax over k; "
             "use_kernels=True replaces the whole block and hooks cannot see it"),
+    Adapter("openai_privacy_filter", router="router", notes="gpt_oss-style router in a token classifier"),
     *_rows(["granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa"], router="router",
            notes="top-k on logits -> softmax over k"),
     Adapter("phimoe", router="router", notes="sparsemixer top-2; samples in training mode (capture in eval)"),
     Adapter("dbrx", router="router", notes="experts receive 3-D hidden states; index/weights are [T,k]"),
-    Adapter("aria", notes="text decoder of a vision-language model"),
+    Adapter("aria", aliases=("aria_text",), router="router", shared_experts="mlp.shared_experts",
+            notes="text decoder of a vision-language model"),
+    Adapter("cohere2_moe", moe_layers=_MLP_TYPES),
+    Adapter("flint", moe_layers=_SPARSE_STEP, shared_experts="mlp.shared_expert"),
+    Adapter("kolibri1", shared_experts="mlp.shared_experts"),
+    Adapter("laguna", moe_layers=_MLP_TYPES, shared_experts="mlp.shared_experts"),
+    Adapter("lara_mini", shared_experts="mlp.shared_expert", notes="hybrid linear/full attention"),
+    Adapter("mellum", moe_layers=_MLP_TYPES),
+    Adapter("step3p7", aliases=("step3p5", "step3p7_text"), moe_layers=_MLP_TYPES,
+            shared_experts="mlp.shared_experts"),
+    Adapter("muse_spark", aliases=("muse_spark_text",), moe_layers=_MLP_TYPES,
+            notes="experts run in a projected space (pre_expert_proj / post_expert_proj)"),
+    Adapter("inkling", aliases=("inkling_text", "inkling_mm_model"), moe_layers=_MLP_TYPES,
+            shared_experts="mlp.shared_experts"),
+    Adapter("inkling2", aliases=("inkling2_text",)),
+    Adapter("inkling2_loop", aliases=("inkling2_loop_text",),
+            notes="looped layers run several passes per forward; each pass must route for a consistent trace"),
     # --- biased / grouped routers (never reproducible from logits alone) ----------------------------------------
     Adapter("deepseek_v2", moe_layers=_DS, shared_experts="mlp.shared_experts",
             notes="softmax -> greedy or group-limited top-k (sorted=False) -> x routed_scaling_factor"),
-    *_rows(["deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "dots1", "kimi_linear",
-            "exaone_moe", "solar_open", "mimo_v2_flash", "mistral4", "mistral_large4", "bailing_hybrid",
-            "glm5_next", "dots3_note", "deepseek_v4"],
-           moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    *_rows(["glm4_moe", "dots1", "mistral4"], moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("glm4v_moe", aliases=("glm4v_moe_text",), moe_layers=_DS, shared_experts="mlp.shared_experts",
+            notes=_DS_NOTE),
+    *_rows(["deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "kimi_linear", "exaone_moe", "mimo_v2_flash",
+            "bailing_hybrid", "axk1", "axk2", "hy_v4", "beam"],
+           moe_layers=_MLP_TYPES, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("solar_open", shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("mistral_large4", aliases=("mistral_large4_text",), moe_layers=_MLP_TYPES,
+            shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("glm5_next", aliases=("glm5_next_text",), moe_layers=_MLP_TYPES, shared_experts="mlp.shared_experts",
+            notes=_DS_NOTE),
+    Adapter("hy_v4_vl", aliases=("hy_v4_vl_text",), moe_layers=_MLP_TYPES, shared_experts="mlp.shared_experts",
+            notes=_DS_NOTE),
+    Adapter("deepseek_ocr2", aliases=("deepseek_ocr2_text",), moe_layers=_MLP_TYPES,
+            shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("unlimited_ocr", aliases=("unlimited_ocr_text",), moe_layers=_MLP_TYPES,
+            shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("dots3_note", aliases=("dots3_note_text",), moe_layers=_MLP_TYPES, shared_experts="mlp.shared_experts",
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp\.experts$",
+            notes=_DS_NOTE + "; the vision tower's MoE blocks are not captured"),
+    Adapter("deepseek_v4", moe_layers="mlp_layer_types: 'hash_moe' (token-id hash router) and 'moe'",
+            shared_experts="mlp.shared_experts", notes=_DS_NOTE + "; hash layers route by token id"),
     Adapter("nemotron_h", experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mixer\.experts$",
             moe_layers="layers whose block type is 'moe'", notes=_DS_NOTE),
     Adapter("ernie4_5_moe", moe_layers="moe_layer_start_index..end_index every moe_layer_interval",
             shared_experts="mlp.shared_experts", notes="softmax -> top-k on probs + bias -> unbiased, renorm"),
-    Adapter("ernie4_5_vl_moe", notes="text decoder; modality-specific experts"),
-    *_rows(["afmoe", "hy_v3", "lfm2_moe", "minimax_m2"],
-           notes="sigmoid + block-owned bias -> top-k -> renormalise: not reproducible from logits"),
-    Adapter("cohere2_moe"),
+    Adapter("ernie4_5_vl_moe", aliases=("ernie4_5_vl_moe_text",),
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp\.text_moe\.experts$", moe_layers=_MLP_TYPES,
+            notes="text decoder; modality-isolated experts: the text experts (mlp.text_moe) are captured, a batch "
+                  "with vision tokens routes only its text tokens there and is refused"),
+    Adapter("afmoe", router="router", moe_layers="num_dense_layers dense layers first",
+            shared_experts="mlp.shared_experts", notes=_BLOCK_BIAS),
+    Adapter("lfm2_moe", moe_layers="num_dense_layers dense layers first", notes=_BLOCK_BIAS),
+    *_rows(["hy_v3", "minimax_m2"], notes=_BLOCK_BIAS),
     # --- special readings ---------------------------------------------------------------------------------------
     Adapter("llama4_text", aliases=("llama4",), router="router", reading="router_scores", logits_output=1,
             moe_layers="moe_layers / interleave_moe_layer_step", shared_experts="feed_forward.shared_expert",
@@ -110,14 +164,28 @@ ADAPTERS_LIST: list[Adapter] = [
             moe_layers="every encoder_sparse_step-th block (encoder stack captured)",
             notes="top-1 with a per-sequence capacity: dropped tokens are recorded as expert -1"),
     Adapter("zaya", reading="skip_zero_weight",
-            notes="router also takes state from the previous layer; index E means skip (arrives as 0 with weight 0)"),
+            notes="router also takes state from the previous layer; index E means skip (arrives as 0 with weight 0) "
+                  "and is recorded as -1; router logits have E + 1 columns (the last one is skip)"),
     Adapter("longcat_flash", router="router", num_experts_attrs=("n_routed_experts", "zero_expert_num"),
             experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp\.experts$",
             notes="zero-experts: ids >= n_routed_experts are identity experts; the trace counts them as experts"),
     Adapter("gemma4_text", aliases=("gemma4",), router="router",
-            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.experts$",
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.experts$", moe_layers="every layer when enable_moe_block",
             notes="router and experts sit on the decoder layer beside a dense MLP; router output 0 is "
                   "probabilities, not logits"),
+    Adapter("diffusion_gemma_text", aliases=("diffusion_gemma",), router="router",
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.experts$",
+            notes="gemma4-style router/experts on the text encoder's layers; router output 0 is probabilities"),
+    Adapter("jetmoe", router="router", reading="jetmoe_sorted", logits_output=4,
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp\.router$",
+            notes="the router returns the expert-sorted dispatch (sorted positions, token index, gates, expert "
+                  "sizes, logits) that the experts consume; ids/weights are scattered back to [T,k]. The "
+                  "mixture-of-attention router (self_attention.experts.router) is not captured"),
+    Adapter("doge", router=None, reading="doge_product_keys", logits_output=1,
+            experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp$", moe_layers="every layer when is_moe",
+            notes="product-key retrieval experts (DogeCDMoE): the block's own top-k over num_keys^2 key pairs is "
+                  "replayed from its router logits; logits are the per-expert key-pair sums. The block reshapes "
+                  "logits across the batch, so a token's routing depends on the other rows of the batch"),
 ]
 
 ADAPTERS: dict[str, Adapter] = {}

@@ -68,10 +68,55 @@ READERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
 }
 
 
-def _read_router_scores(output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+# Output readers: a forward hook on the matched module turns (module, output, k) into (index [T, k], weights [T, k],
+# router logits [T, E] or None), for families whose experts never receive (index, weights) as arguments.
+def _read_router_scores(module: nn.Module, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama4: dense scores [T, E] (0 outside the top-k) scale the experts' input; ids are top-k of the logits."""
     scores, logits = output[0], output[1]
     index = torch.topk(logits, k, dim=-1).indices
-    return index, scores.gather(-1, index)
+    return index, scores.gather(-1, index), logits
+
+
+def _read_jetmoe_sorted(module: nn.Module, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """jetmoe: the router hands the experts an expert-sorted dispatch; scatter it back to [T, k] slots.
+
+    Output: (index_sorted_experts [T*k] -- flat position t*k+slot of each sorted entry, batch_index, batch_gates
+    [T*k], expert_size (list, entries per expert), logits [T, E]).
+    """
+    index_sorted, _, gates, expert_size, logits = output
+    k = int(module.top_k)
+    sizes = torch.as_tensor(expert_size, device=index_sorted.device)
+    experts = torch.repeat_interleave(torch.arange(len(expert_size), device=index_sorted.device), sizes)
+    flat_index = torch.empty_like(index_sorted)
+    flat_index[index_sorted] = experts
+    flat_weights = torch.empty_like(gates)
+    flat_weights[index_sorted] = gates
+    return flat_index.view(-1, k), flat_weights.view(-1, k), logits
+
+
+def _read_doge_product_keys(module: nn.Module, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """doge: replay DogeCDMoE's product-key top-k on its own router logits ([2, T, num_keys], output 1)."""
+    router_logits = output[1]
+    n = router_logits.shape[1]
+    keys = int(module.num_keys)
+    (scores_x, scores_y), (indices_x, indices_y) = router_logits.topk(keys, dim=-1)
+    all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).view(n, -1)
+    all_indices = (indices_x.unsqueeze(-1) * keys + indices_y.unsqueeze(-2)).view(n, -1)
+    scores, position = all_scores.topk(int(module.top_k), dim=-1)
+    index = all_indices.gather(-1, position)
+    weights = torch.nn.functional.softmax(scores, dim=-1)
+    if module.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    per_expert = (router_logits[0].unsqueeze(-1) + router_logits[1].unsqueeze(-2)).view(n, -1)  # [T, keys^2]
+    return index, weights, per_expert
+
+
+OUTPUT_READERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
+    "router_scores": _read_router_scores,
+    "jetmoe_sorted": _read_jetmoe_sorted,
+    "doge_product_keys": _read_doge_product_keys,
+}
 
 
 # ---------------------------------------------------------------------------------------------- the recorder
@@ -138,10 +183,10 @@ class Recorder:
             if self._call is None:
                 return None
             k = self.top_k or int(getattr(module, "top_k", 1))
-            index, weights = _read_router_scores(output, k)
+            index, weights, logits = OUTPUT_READERS[self.adapter.reading](module, output, k)
             self._stash(layer, index, weights)
-            if self.logits:
-                self._pending_logits[layer] = _to_host(output[self.adapter.logits_output or 0])
+            if self.logits and logits is not None:
+                self._pending_logits[layer] = _to_host(logits)
             return None
 
         return hook
@@ -456,7 +501,7 @@ def capture(
         handles.append(model.register_forward_pre_hook(rec._on_call, with_kwargs=True))
         handles.append(model.register_forward_hook(rec._on_return, with_kwargs=True))
         for m in moe_layers:
-            if row.reading == "router_scores":
+            if row.reading in OUTPUT_READERS:
                 handles.append(m.module.register_forward_hook(rec._on_router_scores(m.layer)))
                 continue
             reader = READERS[row.reading]
