@@ -186,7 +186,7 @@ class Recorder:
             index, weights, logits = OUTPUT_READERS[self.adapter.reading](module, output, k)
             self._stash(layer, index, weights)
             if self.logits and logits is not None:
-                self._pending_logits[layer] = _to_host(logits)
+                self._pending_logits[layer] = _keep(logits)
             return None
 
         return hook
@@ -196,7 +196,7 @@ class Recorder:
             if self._call is None:
                 return None
             logits = output[out_index] if isinstance(output, (tuple, list)) else output
-            self._pending_logits[layer] = _to_host(logits)
+            self._pending_logits[layer] = _keep(logits)
             return None
 
         return hook
@@ -215,7 +215,7 @@ class Recorder:
                 f"{tuple(index.shape)}; the router returns something unexpected for the {self.adapter.family} "
                 "adapter."
             )
-        self._pending[layer] = (_to_host(index), _to_host(weights))
+        self._pending[layer] = (_keep(index), _keep(weights))
 
     def _on_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._call = self._call, None
@@ -237,7 +237,13 @@ class Recorder:
                 f"MoE layers {missing} did not route during this forward while others did; "
                 "capture cannot produce a consistent trace (was the model truncated or partly compiled?)."
             )
-        _synchronize(self._pending, self._pending_logits)
+        layer_order = [*self.layers, *(layer for layer in self.layers if layer in self._pending_logits)]
+        host = _to_host_many([*(self._pending[la][0] for la in self.layers),
+                              *(self._pending[la][1] for la in self.layers),
+                              *(self._pending_logits[la] for la in layer_order[len(self.layers):])])
+        n = len(self.layers)
+        self._pending = {la: (host[j], host[n + j]) for j, la in enumerate(self.layers)}
+        self._pending_logits = {la: host[2 * n + j] for j, la in enumerate(layer_order[n:])}
         n_rows = call.batch * call.seq
         ks = {idx.shape[1] for idx, _ in self._pending.values()}
         k = max(ks)
@@ -336,18 +342,39 @@ class Recorder:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Detach and start the copy to the host; on CUDA the copy is asynchronous (synchronised once per batch)."""
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.clone()
-    return t.to("cpu", non_blocking=True)
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    """Detach and copy on the tensor's own device (asynchronous on CUDA: no synchronisation per layer).
+
+    The copy protects the record from in-place changes the model may make after the hook ran.
+    """
+    return t.detach().clone()
 
 
-def _synchronize(*stores: dict) -> None:
-    """One synchronisation per batch for asynchronous device-to-host copies (not per layer)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _to_host_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Move many small tensors to the host with one copy per (device, dtype) and one synchronisation per batch."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.device.type != "cpu":
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    if not groups:
+        return tensors
+    out = list(tensors)
+    copies = []
+    for idxs in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idxs])
+        copies.append((flat.to("cpu", non_blocking=True), idxs))
+    for device in {d for d, _ in groups}:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif hasattr(torch, device.type) and hasattr(getattr(torch, device.type), "synchronize"):
+            getattr(torch, device.type).synchronize()
+    for host, idxs in copies:
+        offset = 0
+        for i in idxs:
+            size = tensors[i].numel()
+            out[i] = host[offset : offset + size].view(tensors[i].shape)
+            offset += size
+    return out
 
 
 def _config_top_k(model: nn.Module) -> int | None:
@@ -378,7 +405,7 @@ def _expand_label(name: str, values: Sequence[Any], doc_ids: np.ndarray) -> np.n
 _CALL_SIGS: dict[type, inspect.Signature] = {}
 
 
-def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call:
+def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None:
     sig = _CALL_SIGS.get(type(module))
     if sig is None:
         sig = _CALL_SIGS[type(module)] = inspect.signature(module.forward)
@@ -396,6 +423,8 @@ def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call:
     elif isinstance(embeds, torch.Tensor):
         shape = tuple(embeds.shape[:2])
     else:
+        if bound.get("encoder_outputs") is not None:
+            return None  # a decoder step of an encoder-decoder model: its MoE encoder does not run
         raise CaptureError("capture needs the model to be called with input_ids or inputs_embeds.")
     if len(shape) == 1:
         shape = (1, shape[0])
