@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_tokenizer  # noqa: E402
-
-import moe_routing as mr  # noqa: E402
-from capture_overhead import build  # noqa: E402
+import moe_routing as mr
+from capture_overhead import build
+from conftest import make_tokenizer
 
 
 def main() -> None:

@@ -33,10 +33,10 @@ def peak_mb() -> float:
 def child_capture(out: str, n_texts: int) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
     import torch
-    from conftest import make_tokenizer
 
     import moe_routing as mr
     from capture_overhead import build
+    from conftest import make_tokenizer
 
     torch.set_num_threads(1)
     model, tok = build(4, 128, 16, 4), make_tokenizer(300)

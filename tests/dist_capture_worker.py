@@ -5,10 +5,9 @@ import sys
 import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from conftest import make_qwen3_moe, make_tokenizer  # noqa: E402
-from test_pipeline import TEXTS  # noqa: E402
-
-import moe_routing as mr  # noqa: E402
+import moe_routing as mr
+from conftest import make_qwen3_moe, make_tokenizer
+from test_pipeline import TEXTS
 
 dist.init_process_group("gloo")
 model, tok = make_qwen3_moe(), make_tokenizer()

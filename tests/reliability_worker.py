@@ -3,9 +3,8 @@
 import sys
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from conftest import make_qwen3_moe, make_tokenizer  # noqa: E402
-
-import moe_routing as mr  # noqa: E402
+import moe_routing as mr
+from conftest import make_qwen3_moe, make_tokenizer
 
 TEXTS = [f"Sentence number {i} about foxes and dogs. " * (1 + i % 5) for i in range(600)]
 

@@ -18,13 +18,14 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 
-import arch_configs as ac
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import arch_configs as ac
 from moe_routing.capture import capture
 from moe_routing.errors import UnsupportedModelError
-from torch import nn
 
 FAMILIES = [a.model_type for a in ac.ARCH_LIST if not a.skip]
 ALL_FAMILIES = [a.model_type for a in ac.ARCH_LIST]

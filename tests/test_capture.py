@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
 from conftest import make_qwen3_moe
 from moe_routing.capture import capture
 from moe_routing.errors import CaptureError

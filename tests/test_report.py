@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
 from moe_routing import report
 from moe_routing.plots import BrowserNotFoundError, find_browser
 

@@ -42,7 +42,7 @@ def test_iter_traces_is_per_shard_and_layers_subset(tmp_path):
 
 
 def test_missing_manifest_and_bad_version(tmp_path):
-    with pytest.raises(TraceError, match="no manifest.json"):
+    with pytest.raises(TraceError, match="no manifest\\.json"):
         TraceReader(tmp_path)
     t = random_trace()
     t.save(tmp_path)

@@ -126,7 +126,7 @@ def from_sglang_dump(path: str | Path, *, num_experts: int, layers: Sequence[int
 
     try:
         data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as exc:
         raise TraceError(f"{path} is not a readable SGLang dump ({type(exc).__name__}: {exc}).") from exc
     records = data.get("records") if isinstance(data, Mapping) else data
     if not isinstance(records, Sequence) or not records:

@@ -338,7 +338,7 @@ def capture_corpus(
 def _check_existing(path: Path, digest: str) -> None:
     try:
         meta = pq.read_schema(path).metadata or {}
-    except Exception as exc:  # noqa: BLE001 - any unreadable shard is reported the same way
+    except Exception as exc:
         raise TraceError(f"shard {path} is unreadable ({exc}); delete it and re-run to rewrite it.") from exc
     if meta.get(_INPUT_KEY, b"").decode() != digest:
         raise TraceError(
@@ -375,4 +375,4 @@ def _progress(show: bool, total_tokens: int | None, length: int | None):
 def estimate_trace_bytes(num_tokens: int, num_layers: int, top_k: int, num_experts: int, logits: bool) -> int:
     """Uncompressed bytes a trace of this size needs (ids int16 + weights fp32 + per-token columns)."""
     per = num_layers * top_k * 6 + 24 + (num_layers * num_experts * 2 if logits else 0)
-    return int(math.ceil(per * num_tokens))
+    return math.ceil(per * num_tokens)

@@ -67,7 +67,7 @@ def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
 
 def _nested_list(arr: np.ndarray, pa_type: pa.DataType) -> pa.Array:
     """[tokens, a, b] numpy -> fixed_size_list<fixed_size_list<type, b>, a>."""
-    n, a, b = arr.shape
+    _n, a, b = arr.shape
     flat = pa.array(np.ascontiguousarray(arr).reshape(-1), type=pa_type)
     inner = pa.FixedSizeListArray.from_arrays(flat, b)
     return pa.FixedSizeListArray.from_arrays(inner, a)

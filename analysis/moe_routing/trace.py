@@ -29,9 +29,9 @@ def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
     arr = np.asarray(value)
     if arr.ndim != ndim:
         raise TraceError(f"{name} must have {ndim} dimensions, got shape {arr.shape}.")
-    if np.issubdtype(np.dtype(dtype), np.integer) and arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-            raise TraceError(f"{name} must hold integers, got dtype {arr.dtype} with fractional values.")
+    wants_int = np.issubdtype(np.dtype(dtype), np.integer) and arr.size and not np.issubdtype(arr.dtype, np.integer)
+    if wants_int and (not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))):
+        raise TraceError(f"{name} must hold integers, got dtype {arr.dtype} with fractional values.")
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
@@ -69,7 +69,7 @@ class RoutingTrace:
     def __post_init__(self) -> None:
         self.expert_ids = _as_array("expert_ids", self.expert_ids, np.int16, 3)
         self.weights = _as_array("weights", self.weights, np.float32, 3)
-        n, n_layers, k = self.expert_ids.shape
+        n, n_layers, _k = self.expert_ids.shape
         if self.weights.shape != self.expert_ids.shape:
             raise TraceError(
                 f"weights shape {self.weights.shape} does not match expert_ids shape {self.expert_ids.shape}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
 from moe_routing import RoutingTrace
 
 LAYERS = (1, 3, 5, 7)  # decoder-layer indices of the MoE layers: deliberately not 0..L-1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from moe_routing import RoutingTrace
 
 from ._synth import make_trace, token_texts

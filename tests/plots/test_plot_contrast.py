@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import plotly.io as pio
 import pytest
+
 from moe_routing import MetricError, RoutingTrace, TraceError
 from moe_routing.metrics import (
     consecutive_same_expert,

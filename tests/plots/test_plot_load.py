@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
 from moe_routing import MetricError, RoutingTrace
 from moe_routing.metrics import capacity_drop, expert_placement, load_balance
 from moe_routing.plots import (

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+
 from moe_routing import MetricError, RoutingTrace, TraceError
 from moe_routing.metrics import coactivation, label_nmi, label_usage
 from moe_routing.plots import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from moe_routing import RoutingTrace, TraceError
 from moe_routing.plots import expert_color, router_heatmap, router_probabilities, token_expert_text
 from moe_routing.plots.tokens import _layout_tokens

@@ -124,10 +124,36 @@ def label_names(values: Iterable[Any], label: str | None) -> list[str]:
 TokenSource = Sequence[str] | Mapping[int, str] | Callable[[int], str] | None
 
 
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE alphabet: printable stand-in character -> byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _partial_token(raw: str) -> str:
+    """A token that holds part of a UTF-8 character: its bytes in hex (``⟨e794⟩``), else its raw string."""
+    table = _byte_level_decoder()
+    if raw and all(c in table for c in raw):
+        return "⟨" + bytes(table[c] for c in raw).hex() + "⟩"
+    return raw
+
+
 def _decode_ids(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
     uniq = [int(i) for i in np.unique(ids) if i >= 0]
     if hasattr(tokenizer, "decode"):
-        return {i: tokenizer.decode([i]) for i in uniq}
+        out = {i: tokenizer.decode([i]) for i in uniq}
+        partial = [i for i, s in out.items() if "\ufffd" in s]  # pieces of a multi-byte character decode to "�"
+        if partial and hasattr(tokenizer, "convert_ids_to_tokens"):
+            for i, raw in zip(partial, tokenizer.convert_ids_to_tokens(partial), strict=True):
+                out[i] = _partial_token(str(raw))
+        return out
     if hasattr(tokenizer, "convert_ids_to_tokens"):
         return dict(zip(uniq, tokenizer.convert_ids_to_tokens(uniq), strict=True))
     raise TypeError(f"tokenizer {type(tokenizer).__name__} has neither decode() nor convert_ids_to_tokens().")

@@ -50,13 +50,15 @@ def divergence_matrix_heatmap(
     """Heatmap of a symmetric ``[groups, groups]`` divergence matrix between conditions.
 
     ``matrix``: a pairs frame (``layer, a, b, <value>`` as ``language_divergence`` returns; one heatmap per
-    decoder layer behind a slider, one colour scale), a square DataFrame (index = columns = groups) or an array
-    with ``names``. With ``label="lang"`` groups are shown as language names.
+    decoder layer behind a slider, one colour scale; ``names`` orders and selects its groups), a square DataFrame
+    (index = columns = groups) or an array with ``names``. With ``label="lang"`` groups are shown as language
+    names.
     """
     if isinstance(matrix, pd.DataFrame) and {"layer", "a", "b"} <= set(matrix.columns):
         require_columns(matrix, [value], "divergence_matrix_heatmap")
         shown_layers = frame_layers(matrix, layers if layer is None else [layer])
-        names = sorted(set(matrix["a"].tolist()) | set(matrix["b"].tolist()), key=str)
+        present = sorted(set(matrix["a"].tolist()) | set(matrix["b"].tolist()), key=str)
+        names = present if names is None else [n for n in names if n in set(present)]
         mats = [pair_matrix(matrix, la, value, names)[1] for la in shown_layers]
     else:
         if isinstance(matrix, pd.DataFrame):

@@ -25,9 +25,12 @@ from ._common import (
     metric_frame,
     require_columns,
 )
-from .theme import DIVERGING, EMPTY_COLOR, SEQUENTIAL, colorway, expert_color
+from .theme import EMPTY_COLOR, SEQUENTIAL, colorway, expert_color
 
 Normalize = Literal["label", "lift", "count"]
+
+#: lifts above this share the darkest red in ``label_usage_heatmap`` (hover shows the exact value)
+LIFT_CAP = 4.0
 
 
 def _usage_frame(data: Any, label: str, top1: bool) -> pd.DataFrame:
@@ -122,7 +125,17 @@ def label_usage_heatmap(
         )
     coloraxis: dict[str, Any] = {"colorbar": {"title": {"text": what}}}
     if normalize == "lift":
-        coloraxis.update(colorscale=DIVERGING, cmid=1.0, cmin=0.0, cmax=max(2.0, zmax))
+        # white at lift 1 (plotly ignores cmid once cmin/cmax are set); lifts above LIFT_CAP saturate, so that a
+        # single lift of 25 does not wash the 1-4 range out to white
+        top = min(max(2.0, zmax), LIFT_CAP)
+        w = 1.0 / top
+        coloraxis.update(
+            colorscale=[[0.0, "#2166ac"], [w / 2, "#92c5de"], [w, "#f7f7f7"], [w + (1 - w) / 3, "#f4a582"],
+                        [w + 2 * (1 - w) / 3, "#d6604d"], [1.0, "#b2182b"]],
+            cmid=1.0, cmin=0.0, cmax=top,
+        )  # fmt: skip
+        if zmax > top:
+            coloraxis["colorbar"] = {"title": {"text": f"{what} (≥ {top:g} saturated)"}}
     else:
         coloraxis.update(colorscale=SEQUENTIAL, cmin=0.0, cmax=zmax)
     fig.update_layout(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ def _layout_tokens(
         breaks = tok.count("\n")
         disp = tok.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
         disp = disp.replace(" ", _NBSP) or "∅"
-        w = len(disp)
+        w = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in disp)  # CJK takes two cells
         if x > 0 and x + w > line_chars:
             x, row = 0, row + 1
         shown.append(disp)
@@ -89,7 +90,7 @@ def token_expert_text(
     px_per_cell = (width - 40) / line_chars
     font_size = float(np.clip(px_per_cell / 0.62, 8, 15))
     row_px = font_size * 2.1
-    height = int(n_rows * row_px + 190)
+    height = int(n_rows * row_px + 180)  # title 60 + slider 100 + 20
 
     top1 = trace.top1()
     fig = go.Figure()
@@ -133,7 +134,7 @@ def token_expert_text(
         bargap=0,
         width=width,
         height=height,
-        margin={"l": 20, "r": 20, "t": 60, "b": 20},
+        margin={"l": 20, "r": 20, "t": 60, "b": 100},  # the layer slider and its labels sit in the bottom margin
         xaxis={"visible": False, "range": [-0.5, line_chars + 0.5], "fixedrange": True},
         yaxis={"visible": False, "autorange": "reversed", "range": [n_rows - 0.5, -0.5], "fixedrange": True},
         uniformtext={"minsize": 7, "mode": "show"},

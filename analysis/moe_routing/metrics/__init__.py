@@ -1,0 +1,82 @@
+"""moe_routing.metrics: pure functions from routing traces to tidy frames.
+
+Every function takes a ``RoutingTrace``, a trace directory (streamed shard by shard) or a list of
+``RoutingTrace`` chunks, and returns a ``pandas.DataFrame`` (or an ``xarray`` object / array where named
+dimensions serve better). ``layer`` columns hold decoder-layer indices (``trace.layers``). Headline numbers
+carry a baseline column (uniform / random routing / shuffled labels) and, where sampling matters, a bootstrap
+CI over documents.
+
+Families: load (``load``), specialization and co-activation (``specialization``), cross-layer and sequence
+(``sequence``), per-language (``language``), contrast of two conditions (``contrast``).
+"""
+
+from ._common import read_all
+from .contrast import contrast, contrast_summary, contrast_traces
+from .language import language_divergence, language_experts, reference_divergence, top_expert_overlap
+from .load import (
+    balance_stats,
+    capacity_drop,
+    expert_load,
+    expert_placement,
+    greedy_placement,
+    load_balance,
+    load_balancing_loss,
+    load_balancing_loss_by_layer,
+    load_by_position,
+    usage_counts,
+)
+from .sequence import consecutive_same_expert, path_entropy, router_agreement, transition_summary, transitions
+from .specialization import (
+    TOKEN_TYPES,
+    coactivation,
+    coactivation_matrices,
+    coactivation_summary,
+    domain_specialization,
+    label_nmi,
+    label_probe,
+    label_usage,
+    token_type,
+    token_type_label,
+    token_type_specialization,
+    top_tokens,
+    vocabulary_specialization,
+)
+
+__all__ = [
+    "TOKEN_TYPES",
+    "balance_stats",
+    "capacity_drop",
+    "coactivation",
+    "coactivation_matrices",
+    "coactivation_summary",
+    "consecutive_same_expert",
+    "contrast",
+    "contrast_summary",
+    "contrast_traces",
+    "domain_specialization",
+    "expert_load",
+    "expert_placement",
+    "greedy_placement",
+    "label_nmi",
+    "label_probe",
+    "label_usage",
+    "language_divergence",
+    "language_experts",
+    "load_balance",
+    "load_balancing_loss",
+    "load_balancing_loss_by_layer",
+    "load_by_position",
+    "path_entropy",
+    "read_all",
+    "reference_divergence",
+    "router_agreement",
+    "token_type",
+    "token_type_label",
+    "token_type_specialization",
+    "top_expert_overlap",
+    "top_tokens",
+    "transition_summary",
+    "transitions",
+    "usage_counts",
+    "vocabulary_specialization",
+]

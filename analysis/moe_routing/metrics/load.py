@@ -1,0 +1,562 @@
+"""Expert load: counts, balance statistics, the auxiliary load-balancing loss, load by position, capacity, placement.
+
+All functions take a ``RoutingTrace``, a trace directory or a list of chunks (see ``_common``) and stream it.
+Counts include every non-empty slot of the top-k (``expert_ids != -1``) unless ``top1=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ..errors import MetricError
+from ..trace import RoutingTrace
+from ._common import (
+    GroupedAccumulator,
+    Label,
+    TraceSource,
+    factorize,
+    fold,
+    grouped_counts,
+    hash_uniform,
+    label_name,
+    label_of,
+    layer_expert_counts,
+    require_logits,
+    require_weights,
+    safe_div,
+    sorted_ids,
+    token_blocks,
+    topk_ids,
+)
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = [
+    "capacity_drop",
+    "expert_load",
+    "expert_placement",
+    "greedy_placement",
+    "load_balance",
+    "load_balancing_loss",
+    "load_balancing_loss_by_layer",
+    "load_by_position",
+    "usage_counts",
+]
+
+
+# ---------------------------------------------------------------------------------------------- primitive
+def usage_counts(
+    trace: TraceSource,
+    label: Label | None = None,
+    *,
+    top1: bool = False,
+    k: int | None = None,
+    weighted: bool = False,
+) -> xr.DataArray:
+    """Slot counts per (label value,) layer and expert: the count tensor most metrics are built on.
+
+    Returns an ``xarray.DataArray`` with dims ``(layer, expert)``, or ``(value, layer, expert)`` when ``label``
+    is given (a label name or a function of a chunk returning ``[tokens]`` values). Coordinates: ``layer`` =
+    decoder-layer indices, ``value`` = label values (sorted). ``attrs``: ``tokens`` (tokens per value, or in
+    all), ``top_k`` (slots counted per token), ``num_experts``, ``label``.
+
+    ``top1=True`` counts only the largest-weight slot; ``k`` counts the first ``k`` slots by weight;
+    ``weighted=True`` sums routing weights instead of counting (raises ``MetricError`` without weights).
+    """
+    if top1:
+        k = 1
+
+    def init(chunk: RoutingTrace) -> dict:
+        if weighted:
+            require_weights(chunk, "usage_counts(weighted=True)")
+        shape = (chunk.num_layers, chunk.num_experts)
+        dtype = np.float64 if weighted else np.int64
+        return {"acc": GroupedAccumulator(shape, dtype), "tok": GroupedAccumulator((), np.int64),
+                "total": np.zeros(shape, dtype), "n": 0}
+
+    def update(state: dict, chunk: RoutingTrace) -> None:
+        e = chunk.num_experts
+        if label is None:
+            codes, values = np.zeros(chunk.num_tokens, np.intp), np.array([0])
+        else:
+            codes, values = factorize(label_of(chunk, label))
+        if weighted:
+            ids, w = _sorted_slots(chunk, k)
+            counts = _weighted_counts(ids, w, e, codes, len(values))
+        else:
+            ids = topk_ids(chunk, k)
+            counts = layer_expert_counts(ids, e)[None] if label is None else grouped_counts(codes, len(values), ids, e)
+        if label is None:
+            state["total"] += counts[0]
+            state["n"] += chunk.num_tokens
+        else:
+            state["acc"].add(values, counts)
+            state["tok"].add(values, np.bincount(codes, minlength=len(values)))
+
+    import xarray as xr
+
+    state, first = fold(trace, init, update)
+    layers = list(first.layers)
+    experts = np.arange(first.num_experts)
+    slots = first.top_k if k is None else min(k, first.top_k)
+    attrs = {"top_k": slots, "num_experts": first.num_experts, "label": None if label is None else label_name(label)}
+    if label is None:
+        return xr.DataArray(state["total"], dims=("layer", "expert"), coords={"layer": layers, "expert": experts},
+                            attrs={**attrs, "tokens": int(state["n"])}, name="count")
+    values, counts = state["acc"].result()
+    _, tokens = state["tok"].result()
+    return xr.DataArray(counts, dims=("value", "layer", "expert"),
+                        coords={"value": values, "layer": layers, "expert": experts},
+                        attrs={**attrs, "tokens": tokens}, name="count")
+
+
+def _sorted_slots(chunk: RoutingTrace, k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    t = chunk.sorted_by_weight()
+    kk = t.top_k if k is None else min(k, t.top_k)
+    return t.expert_ids[:, :, :kk], t.weights[:, :, :kk]
+
+
+def _weighted_counts(ids: np.ndarray, w: np.ndarray, num_experts: int, codes: np.ndarray, n_values: int
+                     ) -> np.ndarray:
+    n_layers = ids.shape[1]
+    width = num_experts + 1
+    idx = ids.astype(np.intp) + (np.arange(n_layers, dtype=np.intp) * width + 1)[None, :, None]
+    idx += (codes * n_layers * width)[:, None, None]
+    weights = np.where(ids >= 0, np.nan_to_num(w), 0.0).astype(np.float64)
+    out = np.bincount(idx.ravel(), weights=weights.ravel(), minlength=n_values * n_layers * width)
+    return out.reshape(n_values, n_layers, width)[:, :, 1:]
+
+
+# ---------------------------------------------------------------------------------------------- load
+def expert_load(trace: TraceSource, *, top1: bool = False, weighted: bool = False) -> pd.DataFrame:
+    """Per layer and expert: how many routing decisions it received.
+
+    Columns: ``layer, expert, count, share, load_ratio, dead`` — ``count`` counts every non-empty top-k slot
+    (all k slots; ``top1=True``: the largest-weight slot only), ``share`` = count / layer total (sums to 1 per
+    layer), ``load_ratio`` = count / (total / num_experts) = utilisation vs the ideal balanced load (1.0 is
+    ideal; NeMo/Megatron "utilisation"), ``dead`` = count == 0. ``weighted=True`` adds ``weight`` (sum of the
+    routing weights, "importance") and ``weight_share``. One row per (layer, expert), ``layers x experts`` rows.
+
+    Baseline: uniform routing gives share = 1/num_experts and load_ratio = 1.
+    """
+    counts = usage_counts(trace, top1=top1)
+    c = counts.values
+    n_layers, e = c.shape
+    total = c.sum(axis=1, keepdims=True)
+    df = pd.DataFrame({
+        "layer": np.repeat(counts.coords["layer"].values, e),
+        "expert": np.tile(np.arange(e), n_layers),
+        "count": c.ravel(),
+        "share": safe_div(c, total).ravel(),
+        "load_ratio": safe_div(c * e, total).ravel(),
+        "dead": (c == 0).ravel(),
+    })
+    if weighted:
+        w = usage_counts(trace, top1=top1, weighted=True).values
+        df["weight"] = w.ravel()
+        df["weight_share"] = safe_div(w, w.sum(axis=1, keepdims=True)).ravel()
+    return df
+
+
+def _gini(x: np.ndarray) -> np.ndarray:
+    """Gini coefficient of non-negative loads along the last axis (0 = equal, (n-1)/n = one expert takes all)."""
+    x = np.sort(np.asarray(x, dtype=np.float64), axis=-1)
+    n = x.shape[-1]
+    i = np.arange(1, n + 1)
+    total = x.sum(axis=-1)
+    return safe_div((2 * i * x).sum(axis=-1), n * total) - (n + 1) / n
+
+
+def balance_stats(counts: np.ndarray, tokens: float, top_k: int) -> dict[str, np.ndarray]:
+    """Balance statistics of per-expert counts ``[..., experts]`` (shared by ``load_balance`` and others)."""
+    c = np.asarray(counts, dtype=np.float64)
+    e = c.shape[-1]
+    total = c.sum(axis=-1)
+    mean = total / e
+    shares = safe_div(c, total[..., None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.where(shares > 0, -shares * np.log(np.where(shares > 0, shares, 1)), 0.0).sum(axis=-1)
+    h = np.where(total > 0, h, np.nan)
+    k = min(top_k, e)
+    return {
+        "decisions": total.astype(np.int64),
+        "cv": safe_div(c.std(axis=-1), mean),
+        "max_over_mean": safe_div(c.max(axis=-1), mean),
+        "min_over_mean": safe_div(c.min(axis=-1), mean),
+        "entropy_norm": h / math.log(e) if e > 1 else np.full_like(h, np.nan),
+        "perplexity_frac": np.exp(h) / e,
+        "gini": _gini(c),
+        "dead": (c == 0).sum(axis=-1),
+        "dead_frac": (c == 0).sum(axis=-1) / e,
+        "balancedness": safe_div(mean, c.max(axis=-1)),
+        # uniform random routing of `tokens` tokens, k distinct experts each: count_e ~ Binomial(T, k/E)
+        "cv_random": np.full(total.shape, math.sqrt((e - k) / (tokens * k)) if tokens and k else np.nan),
+    }
+
+
+def load_balance(trace: TraceSource, *, top1: bool = False) -> pd.DataFrame:
+    """One row per MoE layer: how evenly the layer spreads its decisions over experts.
+
+    Columns: ``layer, decisions, cv, max_over_mean, min_over_mean, entropy_norm, perplexity_frac, gini, dead,
+    dead_frac, balancedness, cv_random`` where, over the expert counts c (``[experts]``):
+    ``cv`` = population std(c) / mean(c); ``max_over_mean`` = max(c) / mean(c);
+    ``entropy_norm`` = H(c / sum c) / log(num_experts) (1 = uniform); ``perplexity_frac`` = exp(H) / E;
+    ``gini`` = Gini coefficient of c; ``dead`` = experts with c == 0; ``balancedness`` = mean / max (SGLang).
+
+    Baselines: perfect balance gives cv 0, max_over_mean 1, entropy_norm 1, gini 0; ``cv_random`` is the cv
+    expected from uniformly random routing of the same tokens (sqrt((E - k) / (tokens k))): a measured cv near
+    it is sampling noise, not imbalance.
+    """
+    counts = usage_counts(trace, top1=top1)
+    stats = balance_stats(counts.values, counts.attrs["tokens"], counts.attrs["top_k"])
+    df = pd.DataFrame({"layer": counts.coords["layer"].values, **stats})
+    return df
+
+
+# ---------------------------------------------------------------------------------------------- aux loss
+def _aux_accumulate(trace: TraceSource, selection: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list[int], int]:
+    if selection not in ("logits", "trace"):
+        raise MetricError(f"selection must be 'logits' or 'trace', got {selection!r}.")
+
+    def init(chunk: RoutingTrace) -> dict:
+        require_logits(chunk, "the load-balancing loss")
+        return {"f": np.zeros((chunk.num_layers, chunk.num_experts)),
+                "p": np.zeros((chunk.num_layers, chunk.num_experts)), "n": 0}
+
+    def update(state: dict, chunk: RoutingTrace) -> None:
+        logits = require_logits(chunk, "the load-balancing loss")
+        e = chunk.num_experts
+        if logits.shape[2] != e:
+            raise MetricError(f"router_logits has {logits.shape[2]} experts, the trace {e}.")
+        k = chunk.top_k
+        for sl in token_blocks(chunk.num_tokens, chunk.num_layers * e, 1 << 20):
+            x = logits[sl].astype(np.float32)
+            x -= x.max(axis=2, keepdims=True)
+            np.exp(x, out=x)
+            x /= x.sum(axis=2, keepdims=True)
+            state["p"] += x.sum(axis=0, dtype=np.float64)
+            if selection == "logits":
+                sel = np.argsort(-x, axis=2, kind="stable")[:, :, :k]
+            else:
+                sel = chunk.expert_ids[sl]
+            state["f"] += layer_expert_counts(sel, e)
+        state["n"] += chunk.num_tokens
+
+    state, first = fold(trace, init, update)
+    return state["f"], state["p"], np.asarray(first.layers), state["n"], list(first.layers), first.top_k
+
+
+def load_balancing_loss(trace: TraceSource, *, selection: str = "logits") -> float:
+    """The Switch/Mixtral auxiliary load-balancing loss over all MoE layers, as transformers computes it.
+
+    ``E * sum_e f_e * P_e`` with, over all (token, layer) rows of the router logits ``[tokens, layers, E]``,
+    f_e = top-k assignments to e / rows and P_e = mean softmax probability of e (Fedus et al. 2021, eqs. 4-6;
+    equals ``transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func`` given the per-layer logits
+    and the trace's top_k). ``selection="trace"`` takes the assignments from the recorded ``expert_ids``
+    instead of re-deriving top-k from the logits (right for biased or grouped routers).
+    Needs ``router_logits`` (capture with ``logits=True``), else ``MetricError``.
+
+    Baseline: perfectly balanced routing gives ``top_k``; larger means imbalance.
+    """
+    f, p, _, n, layers, _ = _aux_accumulate(trace, selection)
+    rows = n * len(layers)
+    e = f.shape[1]
+    return float(e * np.sum((f.sum(axis=0) / rows) * (p.sum(axis=0) / rows)))
+
+
+def load_balancing_loss_by_layer(trace: TraceSource, *, selection: str = "logits") -> pd.DataFrame:
+    """The auxiliary load-balancing loss of each MoE layer on its own.
+
+    Columns: ``layer, aux_loss, balanced`` with aux_loss = E * sum_e f_e P_e over the layer's tokens
+    (f_e = assignments / tokens, P_e = mean router probability; Fedus et al. 2021) and ``balanced`` = top_k, the
+    value under perfect balance. Needs ``router_logits``.
+    """
+    f, p, _, n, layers, k = _aux_accumulate(trace, selection)
+    e = f.shape[1]
+    loss = e * np.sum((f / n) * (p / n), axis=1)
+    return pd.DataFrame({"layer": layers, "aux_loss": loss, "balanced": float(k)})
+
+
+# ---------------------------------------------------------------------------------------------- by position
+_POW2_EDGES = np.asarray([0] + [2**i for i in range(32)], dtype=np.int64)
+
+
+def _position_edges(bins: Sequence[int] | None) -> np.ndarray:
+    if bins is None:
+        return _POW2_EDGES
+    edges = np.asarray(sorted({int(b) for b in bins}), dtype=np.int64)
+    if len(edges) < 2 or edges[0] != 0:
+        raise MetricError(f"position bin edges must start at 0 and hold at least two values, got {list(bins)}.")
+    return edges
+
+
+def _bucketer(bins: int | Sequence[int] | None) -> tuple:
+    """(bucket_of(positions) -> int64 [tokens], bounds(buckets) -> (start, end)); end -1 = open-ended."""
+    if isinstance(bins, (int, np.integer)):
+        width = int(bins)
+        if width <= 0:
+            raise MetricError(f"bins must be a positive width or a list of edges, got {bins}.")
+        return (lambda pos: (np.asarray(pos) // width).astype(np.int64),
+                lambda b: (np.asarray(b) * width, (np.asarray(b) + 1) * width))
+    edges = _position_edges(bins)
+
+    def bucket_of(pos: np.ndarray) -> np.ndarray:
+        return np.clip(np.searchsorted(edges, pos, side="right") - 1, 0, len(edges) - 1).astype(np.int64)
+
+    def bounds(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b = np.asarray(b, dtype=np.int64)
+        end = np.where(b + 1 < len(edges), edges[np.minimum(b + 1, len(edges) - 1)], -1)
+        return edges[b], end
+
+    return bucket_of, bounds
+
+
+def load_by_position(
+    trace: TraceSource, *, bins: int | Sequence[int] | None = None, top1: bool = False
+) -> pd.DataFrame:
+    """Expert load per token-position bucket: does routing change along the sequence?
+
+    ``bins``: None = powers of two ([0,1), [1,2), [2,4), ...), an int = bucket width, or a list of edges starting
+    at 0 (the last bucket is open-ended). Columns: ``layer, pos_start, pos_end, expert, count, share, tokens``
+    (share within the layer and bucket; ``pos_end`` exclusive, -1 = open-ended); buckets without tokens are
+    left out. Baseline: position-independent routing gives the same shares in every bucket.
+    """
+    bucket_of, bounds = _bucketer(bins)
+
+    def position_bucket(chunk: RoutingTrace) -> np.ndarray:
+        return bucket_of(chunk.positions)
+
+    counts = usage_counts(trace, position_bucket, top1=top1)
+    c = counts.values
+    nb, n_layers, e = c.shape
+    starts, ends = bounds(counts.coords["value"].values)
+    total = c.sum(axis=2, keepdims=True)
+    return pd.DataFrame({
+        "layer": np.tile(np.repeat(counts.coords["layer"].values, e), nb),
+        "pos_start": np.repeat(starts, n_layers * e),
+        "pos_end": np.repeat(ends, n_layers * e),
+        "expert": np.tile(np.arange(e), nb * n_layers),
+        "count": c.ravel(),
+        "share": safe_div(c, total).ravel(),
+        "tokens": np.repeat(counts.attrs["tokens"], n_layers * e),
+    })
+
+
+# ---------------------------------------------------------------------------------------------- capacity
+def _queue_rank(group: np.ndarray, ids: np.ndarray, num_experts: int, priority: str) -> np.ndarray:
+    """int64 ``[tokens, layers, k]``: rank of each slot in its (group, layer, expert) queue; -1 for empty slots.
+
+    ``ids`` has slots sorted by weight, ``group`` is ``[tokens]``. ``priority="slot"`` serves all first choices of
+    a group (in token order) before its second choices (GShard/Switch); ``"token"`` serves tokens in order.
+    """
+    n_layers = ids.shape[1]
+    if priority == "slot":
+        arr = ids.transpose(2, 0, 1)  # [k, tokens, layers]: the flat order is the service order
+        g = group[None, :, None]
+        layer = np.arange(n_layers)[None, None, :]
+    else:
+        arr = ids
+        g = group[:, None, None]
+        layer = np.arange(n_layers)[None, :, None]
+    flat = arr.astype(np.int64)
+    key = ((g.astype(np.int64) * n_layers + layer) * (num_experts + 1) + flat + 1).reshape(-1)
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    m = len(sk)
+    starts = np.ones(m, dtype=bool)
+    starts[1:] = sk[1:] != sk[:-1]
+    first = np.maximum.accumulate(np.where(starts, np.arange(m), 0))
+    rank = np.empty(m, dtype=np.int64)
+    rank[order] = np.arange(m) - first
+    rank = rank.reshape(arr.shape)
+    rank[flat < 0] = -1
+    return rank.transpose(1, 2, 0) if priority == "slot" else rank
+
+
+def _random_topk(shape: tuple[int, int], num_experts: int, k: int, seed: int, keys: tuple[np.ndarray, ...]
+                 ) -> np.ndarray:
+    """int16 ``[tokens, layers, k]``: k distinct uniformly random experts per (token, layer).
+
+    Drawn by hashing per-token ``keys`` (doc id, position), so the draw does not depend on how the trace is
+    chunked. Loops over slots and rare redraws, never over tokens.
+    """
+    n, n_layers = shape
+    out = np.empty((n, n_layers, k), dtype=np.int64)
+    layer = np.arange(n_layers)[None, :]
+    cols = tuple(np.asarray(key)[:, None] for key in keys)
+    for s in range(k):
+        cur = np.zeros((n, n_layers), dtype=np.int64)
+        todo = np.ones((n, n_layers), dtype=bool)
+        attempt = 0
+        while todo.any():
+            u = hash_uniform(seed, *cols, layer, s, attempt)
+            cur = np.where(todo, np.minimum((u * num_experts).astype(np.int64), num_experts - 1), cur)
+            todo = np.zeros_like(todo)
+            for prev in range(s):
+                todo |= cur == out[:, :, prev]
+            attempt += 1
+        out[:, :, s] = cur
+    return out.astype(np.int16)
+
+
+def capacity_drop(
+    trace: TraceSource,
+    capacity_factors: Sequence[float] = (1.0, 1.25, 1.5, 2.0),
+    *,
+    group_size: int | None = None,
+    priority: str = "slot",
+    min_capacity: int = 1,
+    by_position: bool = False,
+    bins: int | Sequence[int] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Simulated token dropping at expert capacity (Switch Transformer, Fedus et al. 2021; GShard).
+
+    Tokens are grouped per document (or per window of ``group_size`` positions inside a document); each expert
+    of each layer accepts at most ``capacity = max(min_capacity, floor(c * group_tokens * top_k / E))`` slots
+    per group, served in ``priority`` order (``"slot"``: all first choices in token order, then second choices,
+    ...; ``"token"``: token order). Slots beyond capacity are dropped, so late tokens drop first.
+
+    Columns: ``capacity_factor, layer, drop_rate`` (dropped / routed slots), ``token_drop_rate`` (share of
+    tokens with at least one dropped slot), ``drop_rate_random`` (the same simulation on uniformly random
+    routing, hashed from (doc id, position): the baseline of a router balanced in expectation), ``slots``.
+    ``by_position=True`` splits rows by position bucket (``pos_start, pos_end``; ``bins`` as in
+    ``load_by_position``) to show drops towards the end of the group.
+    """
+    if priority not in ("slot", "token"):
+        raise MetricError(f"priority must be 'slot' or 'token', got {priority!r}.")
+    factors = np.asarray(list(capacity_factors), dtype=np.float64)
+    if factors.size == 0 or np.any(factors <= 0):
+        raise MetricError(f"capacity factors must be positive, got {list(capacity_factors)}.")
+    if group_size is not None and group_size <= 0:
+        raise MetricError(f"group_size must be positive, got {group_size}.")
+    bucket_of, bounds = _bucketer(bins)
+
+    def init(chunk: RoutingTrace) -> dict:
+        return {"acc": GroupedAccumulator((len(factors), 5, chunk.num_layers), np.float64),
+                "tok": GroupedAccumulator((), np.float64)}
+
+    def simulate(ids: np.ndarray, group: np.ndarray, caps: np.ndarray, codes: np.ndarray, n_b: int,
+                 e: int) -> np.ndarray:
+        """[factors, 3, buckets, layers]: dropped slots, routed slots, tokens with a drop."""
+        rank = _queue_rank(group, ids, e, priority)
+        valid = rank >= 0
+        n_layers = ids.shape[1]
+        idx = (codes[:, None] * n_layers + np.arange(n_layers)[None, :]).ravel()
+        size = n_b * n_layers
+        routed = np.bincount(idx, weights=valid.sum(axis=2).ravel(), minlength=size)
+        out = np.zeros((len(factors), 3, size))
+        for fi in range(len(factors)):
+            per_tok = (valid & (rank >= caps[fi][group][:, None, None])).sum(axis=2).ravel()
+            out[fi, 0] = np.bincount(idx, weights=per_tok, minlength=size)
+            out[fi, 1] = routed
+            out[fi, 2] = np.bincount(idx, weights=per_tok > 0, minlength=size)
+        return out.reshape(len(factors), 3, n_b, n_layers)
+
+    def update(state: dict, chunk: RoutingTrace) -> None:
+        e, k = chunk.num_experts, chunk.top_k
+        doc_code, _ = factorize(chunk.doc_ids)
+        if group_size is None:
+            group = doc_code
+        else:
+            win = (chunk.positions // group_size).astype(np.int64)
+            group, _ = factorize(doc_code * (int(win.max()) + 1) + win)
+        sizes = np.bincount(group)
+        caps = np.maximum(min_capacity, np.floor(factors[:, None] * sizes[None, :] * k / e)).astype(np.int64)
+        if by_position:
+            codes, buckets = factorize(bucket_of(chunk.positions))
+        else:
+            codes, buckets = np.zeros(chunk.num_tokens, np.intp), np.array([0])
+        ids = sorted_ids(chunk)
+        real = simulate(ids, group, caps, codes, len(buckets), e)
+        rnd = _random_topk((chunk.num_tokens, chunk.num_layers), e, k, seed, (chunk.doc_ids, chunk.positions))
+        rnd = np.where(ids >= 0, rnd, -1).astype(np.int16)  # the trace's empty slots stay empty
+        base = simulate(rnd, group, caps, codes, len(buckets), e)
+        tokens = np.bincount(codes, minlength=len(buckets)).astype(np.float64)
+        both = np.concatenate([real, base[:, :2]], axis=1)  # [F, 5, B, L]
+        both = both.transpose(2, 0, 1, 3)  # [B, F, 5, L]
+        state["acc"].add(buckets, both)
+        state["tok"].add(buckets, tokens)
+
+    state, first = fold(trace, init, update)
+    buckets, acc = state["acc"].result()  # [B, F, 5, L]
+    _, tokens = state["tok"].result()
+    n_b, n_f, _, n_layers = acc.shape
+    b_idx, f_idx, l_idx = np.meshgrid(np.arange(n_b), np.arange(n_f), np.arange(n_layers), indexing="ij")
+    drop, routed, tok_drop, drop_r, routed_r = (acc[:, :, j, :] for j in range(5))
+    df = pd.DataFrame({
+        "capacity_factor": factors[f_idx.ravel()],
+        "layer": np.asarray(first.layers)[l_idx.ravel()],
+        "drop_rate": safe_div(drop, routed).ravel(),
+        "token_drop_rate": safe_div(tok_drop, tokens[:, None, None]).ravel(),
+        "drop_rate_random": safe_div(drop_r, routed_r).ravel(),
+        "slots": routed.ravel().astype(np.int64),
+    })
+    if by_position:
+        start, end = bounds(buckets)
+        df.insert(2, "pos_start", start[b_idx.ravel()])
+        df.insert(3, "pos_end", end[b_idx.ravel()])
+        df = df.sort_values(["capacity_factor", "layer", "pos_start"], kind="stable").reset_index(drop=True)
+    return df
+
+
+# ---------------------------------------------------------------------------------------------- placement
+def greedy_placement(load: np.ndarray, num_devices: int, *, balanced: bool = True) -> np.ndarray:
+    """Device of each expert (``[experts]`` int) by greedy longest-processing-time placement.
+
+    Experts in descending load go to the least-loaded device; ``balanced=True`` caps each device at
+    ceil(E / G) experts (the equal-slot packing of DeepSeek's EPLB). LPT's max load is within 4/3 of optimal.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    e = load.shape[0]
+    if num_devices <= 0:
+        raise MetricError(f"num_devices must be positive, got {num_devices}.")
+    cap = math.ceil(e / num_devices) if balanced else e
+    device_load = np.zeros(num_devices)
+    device_n = np.zeros(num_devices, dtype=np.int64)
+    out = np.empty(e, dtype=np.int64)
+    for expert in np.argsort(-load, kind="stable"):  # a loop over experts, not tokens
+        free = np.flatnonzero(device_n < cap)
+        d = free[np.argmin(device_load[free])]
+        out[expert] = d
+        device_load[d] += load[expert]
+        device_n[d] += 1
+    return out
+
+
+def expert_placement(trace: TraceSource, num_devices: int, *, balanced: bool = True) -> pd.DataFrame:
+    """What-if: place each layer's experts on ``num_devices`` devices from the measured load (expert parallelism).
+
+    Columns: ``layer, devices, max_over_mean_contiguous`` (experts 0..E/G-1 on device 0 and so on, the default
+    sharding), ``max_over_mean_greedy`` (after ``greedy_placement``), ``balancedness_contiguous`` and
+    ``balancedness_greedy`` (mean / max device load, SGLang's measure), ``gain`` (contiguous max / greedy max).
+    Baseline: perfectly balanced devices give max_over_mean 1.
+    """
+    counts = usage_counts(trace)
+    c_all = counts.values.astype(np.float64)
+    e = c_all.shape[1]
+    if num_devices <= 0 or num_devices > e:
+        raise MetricError(f"num_devices must be between 1 and num_experts ({e}), got {num_devices}.")
+    contiguous = np.minimum(np.arange(e) * num_devices // e, num_devices - 1)
+    rows = []
+    for li, layer in enumerate(counts.coords["layer"].values.tolist()):
+        c = c_all[li]
+        dev_c = np.bincount(contiguous, weights=c, minlength=num_devices)
+        dev_g = np.bincount(greedy_placement(c, num_devices, balanced=balanced), weights=c, minlength=num_devices)
+        mean = c.sum() / num_devices
+        rows.append({
+            "layer": layer,
+            "devices": num_devices,
+            "max_over_mean_contiguous": float(safe_div(dev_c.max(), mean)),
+            "max_over_mean_greedy": float(safe_div(dev_g.max(), mean)),
+            "balancedness_contiguous": float(safe_div(mean, dev_c.max())),
+            "balancedness_greedy": float(safe_div(mean, dev_g.max())),
+            "gain": float(safe_div(dev_c.max(), dev_g.max())),
+        })
+    return pd.DataFrame(rows)

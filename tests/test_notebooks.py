@@ -1,0 +1,81 @@
+"""Execute every ``notebooks/NN_*.py`` with its default parameters; a failing cell (or assertion cell) fails.
+
+The demo model trains on first use (~3-4 min, cached under ``~/.cache/moe_routing``) and the demo traces are
+captured once per trace directory; a session fixture makes sure they exist before the first notebook runs and
+hands the same ``RUNS`` directory to every notebook. ``RUNS`` defaults to the repository's ``runs/`` (gitignored,
+shared with ``make demo``, so later sessions reuse it); set ``MOE_ROUTING_TEST_RUNS`` to use another directory.
+``MOE_ROUTING_NOTEBOOK_TIMEOUT`` (seconds, default 600) bounds each notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+TIMEOUT = float(os.environ.get("MOE_ROUTING_NOTEBOOK_TIMEOUT", "600"))
+
+pytestmark = pytest.mark.notebooks
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@pytest.fixture(scope="session")
+def runs_dir() -> Path:
+    """The demo traces (trained and untrained model x heldout / train / udhr), captured when missing."""
+    from moe_routing.demo_pipeline import demo_runs
+
+    runs = Path(os.environ.get("MOE_ROUTING_TEST_RUNS", ROOT / "runs")).resolve()
+    paths = demo_runs("demo", runs, progress=False)
+    missing = [k for k, p in paths.items() if not (p / "manifest.json").exists()]
+    assert not missing, f"demo traces were not captured: {missing}"
+    return runs
+
+
+@pytest.fixture(scope="session")
+def kernel() -> str:
+    from moe_routing.report import ensure_kernel
+
+    ensure_kernel("python3")
+    return "python3"
+
+
+def failing_cell(ipynb: Path) -> str:
+    """Source and traceback of the first cell with an error output in an executed notebook ('' if none)."""
+    if not ipynb.exists():
+        return ""
+    nb = json.loads(ipynb.read_text(encoding="utf-8"))
+    for i, cell in enumerate(nb.get("cells", [])):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                source = "".join(cell.get("source", ""))
+                tb = _ANSI.sub("", "\n".join(out.get("traceback", [])))
+                return f"--- cell {i} ---\n{source}\n--- traceback ---\n{tb}"
+    return ""
+
+
+def test_notebooks_found() -> None:
+    assert NOTEBOOKS, f"no NN_*.py notebooks in {NOTEBOOK_DIR}"
+
+
+@pytest.mark.timeout(TIMEOUT + 120, func_only=True)  # the session fixture may capture for minutes
+@pytest.mark.parametrize("source", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(source: Path, runs_dir: Path, kernel: str, tmp_path: Path) -> None:
+    """The notebook runs top to bottom with its defaults (on the demo model) within the time limit."""
+    from moe_routing.report import run_notebook
+
+    start = time.perf_counter()
+    result = run_notebook(source, tmp_path, parameters={"RUNS": str(runs_dir)}, kernel=kernel, timeout=TIMEOUT)
+    seconds = time.perf_counter() - start
+    if result.status != "ok":
+        pytest.fail(f"{source.name} failed: {result.error}\n{failing_cell(tmp_path / f'{source.stem}.ipynb')}",
+                    pytrace=False)
+    assert seconds <= TIMEOUT, f"{source.name} took {seconds:.0f} s, over the {TIMEOUT:.0f} s limit"
+    assert (tmp_path / f"{source.stem}.html").exists(), "the executed notebook was not rendered to HTML"
