@@ -71,3 +71,10 @@ def test_import_errors_are_clear(captured, tmp_path):
     with pytest.raises(TraceError, match="not a readable SGLang dump"):
         from_sglang_dump(tmp_path / "bad.pt", num_experts=8)
 
+
+
+def test_weight_metrics_refuse_ids_only_imports(captured):
+    t = from_vllm_routed_experts(vllm_outputs(captured), num_experts=8)
+    with pytest.raises(mr.MetricError, match="weights"):
+        mr.metrics.expert_load(t, weighted=True)
+    assert mr.metrics.expert_load(t)["count"].sum() == t.expert_ids.size  # counts need no weights
