@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ARROW_ENV: dict[str, str] = {}
 
 
 def rss_mb() -> float:
@@ -44,7 +45,8 @@ def child_capture(out: str, n_texts: int) -> dict:
     with torch.inference_mode():  # warm up allocators before the baseline
         model(input_ids=torch.ones((16, 64), dtype=torch.long))
     base = rss_mb()
-    reader = mr.capture_corpus(model, tok, texts, out, batch_size=16, progress=False, max_length=512)
+    reader = mr.capture_corpus(model, tok, texts, out, batch_size=16, batches_per_shard=4, progress=False,
+                               max_length=512)
     return {"tokens": reader.num_tokens, "growth_mb": peak_mb() - base}
 
 
@@ -52,19 +54,24 @@ def child_metrics(trace_dir: str) -> dict:
     import moe_routing as mr
 
     reader = mr.open_trace(trace_dir)
+
+    def suite(source) -> None:
+        mr.metrics.expert_load(source)
+        mr.metrics.load_balance(source)
+        mr.metrics.label_nmi(source, "chunk")
+        mr.metrics.coactivation(source, reader.layers[0])
+        mr.metrics.consecutive_same_expert(source)
+        mr.metrics.transitions(source)
+
+    suite(reader.read_shard(reader.shards()[0]))  # warm up: lazy imports, allocator pools
     base = rss_mb()
-    mr.metrics.expert_load(trace_dir)
-    mr.metrics.load_balance(trace_dir)
-    mr.metrics.label_nmi(trace_dir, "chunk") if "chunk" in reader.label_names else None
-    mr.metrics.coactivation(trace_dir, reader.layers[0])
-    mr.metrics.consecutive_same_expert(trace_dir)
-    mr.metrics.transitions(trace_dir)
-    return {"tokens": reader.num_tokens, "growth_mb": peak_mb() - base}
+    suite(trace_dir)
+    return {"tokens": reader.num_tokens, "shards": len(reader.shards()), "growth_mb": peak_mb() - base}
 
 
 def run_child(kind: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", kind, *args], capture_output=True, text=True,
-                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **ARROW_ENV})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -72,7 +79,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--texts", type=int, default=300)
     ap.add_argument("--child", nargs="+")
+    ap.add_argument("--arrow-system-pool", action="store_true",
+                    help="ARROW_DEFAULT_MEMORY_POOL=system: pyarrow's default mimalloc pool keeps freed pages")
     args = ap.parse_args()
+    if args.arrow_system_pool:
+        ARROW_ENV["ARROW_DEFAULT_MEMORY_POOL"] = "system"
     if args.child:
         kind, *rest = args.child
         result = child_capture(rest[0], int(rest[1])) if kind == "capture" else child_metrics(rest[0])
@@ -85,7 +96,7 @@ def main() -> None:
             cap = run_child("capture", out, str(args.texts * scale))
             met = run_child("metrics", out)
             rows.append((scale, cap, met))
-            print(f"{scale:>3}x corpus ({cap['tokens']:,} tokens): capture_corpus peak growth "
+            print(f"{scale:>3}x corpus ({cap['tokens']:,} tokens, {met['shards']} shards): capture_corpus peak growth "
                   f"{cap['growth_mb']:.1f} MB; metric suite (streamed) peak growth {met['growth_mb']:.1f} MB",
                   flush=True)
         (_, c1, m1), (_, c10, m10) = rows

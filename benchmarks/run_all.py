@@ -10,6 +10,7 @@ SCRIPTS = [
     ("capture_corpus throughput", ["corpus_throughput.py"]),
     ("metrics throughput", ["metrics_throughput.py"]),
     ("peak memory at 1x and 10x", ["memory_scaling.py"]),
+    ("peak memory, pyarrow system allocator", ["memory_scaling.py", "--arrow-system-pool"]),
 ]
 
 if __name__ == "__main__":
