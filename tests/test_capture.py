@@ -137,3 +137,17 @@ def test_inputs_embeds_only_call(qwen3_moe):
     with capture(qwen3_moe) as rec, torch.no_grad():
         qwen3_moe(inputs_embeds=embeds[:1, :4])  # no mask at all: every row is a real token
     assert len(rec.trace().doc_ids) == 4
+
+
+def test_generate_without_attention_mask_has_true_positions_and_phases(qwen3_moe):
+    """transformers 5.x generate() passes `cache=` and position_ids and no mask: decode steps continue documents."""
+    ids = torch.randint(2, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), capture(qwen3_moe) as rec:
+        qwen3_moe.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    t = rec.trace()
+    assert t.num_tokens == 2 * 5 + 2 * 3  # the last generated token is never fed back
+    decode = t.labels["phase"] == "decode"
+    assert decode.sum() == 6
+    assert sorted(set(t.doc_ids.tolist())) == [0, 1]
+    for d in (0, 1):
+        assert t.positions[t.doc_ids == d].tolist() == list(range(8))

@@ -442,7 +442,11 @@ def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None
     elif mask is None or isinstance(mask, dict):
         past = _past_length(bound)
         real = torch.ones((batch, seq), dtype=torch.bool)
-        positions = (past + torch.arange(seq))[None, :].expand(batch, seq)
+        position_ids = bound.get("position_ids")
+        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq:
+            positions = position_ids.expand(batch, seq)
+        else:
+            positions = (past + torch.arange(seq))[None, :].expand(batch, seq)
         decode = past > 0
     else:
         raise CaptureError(
@@ -458,7 +462,7 @@ def _past_length(bound: dict) -> int:
     cache_position = bound.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return int(cache_position.reshape(-1)[0])
-    past = bound.get("past_key_values")
+    past = bound.get("past_key_values", bound.get("cache"))  # transformers 5.x calls it `cache`
     if past is not None and hasattr(past, "get_seq_length"):
         try:
             return int(past.get_seq_length())
