@@ -115,7 +115,7 @@ def run_demo(model: str = "demo", out: str | Path = "runs", *, report: bool = Tr
         return None
     from .report import build_report
 
-    index = build_report("notebooks", report_dir, parameters={"MODEL": model, "RUNS": str(out)})
+    index = build_report("notebooks", report_dir, parameters={"MODEL": model, "RUNS": str(Path(out).resolve())})
     print(f"[moe-routing] notebooks executed and rendered in {time.perf_counter() - t1:.0f} s; "
           f"total {time.perf_counter() - t0:.0f} s -> {index}", file=sys.stderr)
     return index
