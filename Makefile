@@ -24,9 +24,9 @@ install: $(STAMP)
 
 # Headless Chromium renders the report for the browser test and kaleido's static export.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@{ command -v chromium >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi "noto sans cjk"; } || { \
 	  echo "installing Debian's chromium (headless browser for figure checks)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-core fonts-noto-cjk >/dev/null) \
 	  || echo "warning: could not install chromium; browser checks will be skipped"; }
 
 lint: install

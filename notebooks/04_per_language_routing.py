@@ -28,7 +28,7 @@
 
 # %% tags=["parameters"]
 MODEL = "demo"  # "demo" or a Hugging Face id / local path of an MoE causal LM
-RUNS = "runs"  # trace directories (captured on first use)
+RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); trace directories (captured on first use)
 CORPUS = "demo"  # "demo" (held-out split of the parallel demo corpus) or "flores" (FLORES-200 devtest, real models)
 LANGS = None  # None: every captured language; or a subset, e.g. ["en", "de", "fr", "zh", "ja", "ar"]
 REFERENCE = "en"  # the reference language of the divergence over depth

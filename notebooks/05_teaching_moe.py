@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 MODEL = "demo"  # whose tokenizer and corpus to use ("demo": 4096 tokens, keeps the runs fast)
-RUNS = "runs"  # checkpoints are saved under RUNS/teaching/<run>/step-NNNN
+RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); checkpoints are saved under RUNS/teaching/<run>/step-NNNN
 STEPS = 150  # optimiser steps per run
 SEED = 0  # the same seed for every run: same initial weights, same batches
 LR = 5e-3  # peak learning rate (AdamW, 10 warm-up steps, cosine decay to 10%)

@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 MODEL = "demo"  # "demo" or a Hugging Face id / local path of an MoE causal LM
-RUNS = "runs"  # trace directories (captured on first use)
+RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); trace directories (captured on first use)
 CORPUS = "demo"  # "demo" (held-out split of the parallel demo corpus) or "flores" (FLORES-200, real models)
 LANG_A, LANG_B = "de", "fr"  # the two languages of contrast (a)
 OTHER_MODEL = None  # (b) for a real model: another checkpoint with the same tokenizer; the demo uses its untrained weights

@@ -40,7 +40,12 @@ def test_load_heatmap_relative_is_centred_on_fair_share(trace: RoutingTrace) -> 
     fig = expert_load_heatmap(load_frame(trace), relative=True)
     z = np.asarray(fig.data[0].z)
     np.testing.assert_allclose(z.mean(axis=1), 1.0)
-    assert fig.data[0].zmid == 1.0
+    heat = fig.data[0]
+    assert heat.zmin == 0.0 and heat.zmax >= max(2.0, z.max())  # loads are >= 0: no negative part of the scale
+    white = [pos for pos, color in heat.colorscale if color == "#f7f7f7"]
+    assert white == [pytest.approx(1.0 / heat.zmax)]  # white exactly at the fair share
+    shared = expert_load_heatmap(load_frame(trace), relative=True, zmax=5.0).data[0]
+    assert shared.zmax == 5.0  # a common scale for side-by-side figures
 
 
 def test_missing_expert_rows_count_as_zero() -> None:

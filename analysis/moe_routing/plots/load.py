@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 
 from ..trace import RoutingTrace
 from ._common import category_axis, metric_frame, require_columns
-from .theme import DIVERGING, SEQUENTIAL, colorway
+from .theme import SEQUENTIAL, colorway
 
 #: what a perfectly balanced layer scores on each load-balance metric, and a readable name
 BALANCE_METRICS: dict[str, tuple[str, float]] = {
@@ -40,12 +40,14 @@ def expert_load_heatmap(
     load: RoutingTrace | pd.DataFrame,
     *,
     relative: bool = False,
+    zmax: float | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Heatmap of expert load, decoder layers (rows) x experts (columns).
 
     ``relative=False`` shows each expert's share of the layer's routed slots; ``relative=True`` shows
-    share x experts (1 = exactly its fair share) on a diverging scale centred at 1.
+    share x experts (1 = exactly its fair share) on a diverging scale from 0 (blue) through 1 (white) to
+    ``zmax`` (red; default the largest value, at least 2). Pass the same ``zmax`` to compare two figures.
     """
     frame = metric_frame(load, "expert_load")
     share = load_matrix(frame, "share")
@@ -53,15 +55,20 @@ def expert_load_heatmap(
     n_exp = share.shape[1]
     z = share.to_numpy() * n_exp if relative else share.to_numpy()
     layers = [int(x) for x in share.index]
+    top = float(np.nanmax(z)) if zmax is None else float(zmax)
+    if relative:  # loads are >= 0: white at 1 on a 0..top scale (a symmetric zmid scale would reach below 0)
+        top = max(top, 2.0)
+        w = 1.0 / top
+        scale: Any = [[0.0, "#2166ac"], [w / 2, "#92c5de"], [w, "#f7f7f7"], [w + (1 - w) / 3, "#f4a582"],
+                      [w + 2 * (1 - w) / 3, "#d6604d"], [1.0, "#b2182b"]]  # fmt: skip
     heat = go.Heatmap(
         z=z,
         x=list(share.columns),
         y=[str(x) for x in layers],
         customdata=np.dstack([share.to_numpy(), counts.to_numpy()]),
-        colorscale=DIVERGING if relative else SEQUENTIAL,
-        zmid=1.0 if relative else None,
-        zmin=None if relative else 0.0,
-        zmax=None if relative else float(np.nanmax(z)),
+        colorscale=scale if relative else SEQUENTIAL,
+        zmin=0.0,
+        zmax=top,
         colorbar={"title": {"text": "load / fair share" if relative else "share"}},
         hovertemplate="decoder layer %{y} · expert %{x}<br>share %{customdata[0]:.2%}"
         "<br>count %{customdata[1]:,.0f}<extra></extra>",

@@ -90,7 +90,7 @@ def token_expert_text(
     px_per_cell = (width - 40) / line_chars
     font_size = float(np.clip(px_per_cell / 0.62, 8, 15))
     row_px = font_size * 2.1
-    height = int(n_rows * row_px + 180)  # title 60 + slider 100 + 20
+    height = int(n_rows * row_px + 210)  # title 60 + slider 130 + 20
 
     top1 = trace.top1()
     fig = go.Figure()
@@ -134,7 +134,7 @@ def token_expert_text(
         bargap=0,
         width=width,
         height=height,
-        margin={"l": 20, "r": 20, "t": 60, "b": 100},  # the layer slider and its labels sit in the bottom margin
+        margin={"l": 20, "r": 20, "t": 60, "b": 130},  # the layer slider and its labels sit in the bottom margin
         xaxis={"visible": False, "range": [-0.5, line_chars + 0.5], "fixedrange": True},
         yaxis={"visible": False, "autorange": "reversed", "range": [n_rows - 0.5, -0.5], "fixedrange": True},
         uniformtext={"minsize": 7, "mode": "show"},
