@@ -29,9 +29,11 @@ Specs:
     ``seed``, independent of ``langs``).
 ``"udhr"``
     The Universal Declaration of Human Rights paragraphs that ``gflanguages`` ships as font sample texts (Apache-2.0):
-    natural prose from outside the demo's training domain, all ``split="heldout"``. gflanguages keeps only sample
-    paragraphs without their article numbers, and picks different paragraphs per language, so keys are a
-    per-language index (``udhr-<lang>-<i>``), not parallel.
+    natural prose from outside the demo's training domain, all ``split="heldout"``, one record per paragraph (from the
+    paragraph- and passage-sized samples; the phrase-sized ones are truncations and are skipped; a paragraph under
+    25 characters, such as "La Asamblea General", is joined to the next). gflanguages 0.7 ships only these samples,
+    without article numbers and with different paragraphs per language (1 for de/pt/el, up to 13 for ko), so keys
+    are a per-language index (``udhr-<lang>-<i>``), not parallel.
 a path
     A folder: every ``*.txt`` below it is one record (one document per file). A file directly in the folder gets
     ``lang="und"``; a file in a sub-folder gets the sub-folder's name as ``lang`` (``corpus/de/a.txt``), and its path

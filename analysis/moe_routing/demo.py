@@ -16,8 +16,8 @@ weights, expert width 128, vocabulary 4096, tied embeddings. It is trained on th
 ``load_corpus("demo")`` (24 languages mixed; each text is one sequence, batched by similar length, padded on the
 right, batches shuffled) with next-token loss plus the load-balancing loss (``router_aux_loss_coef=0.01``), AdamW,
 warm-up and cosine decay, for a fixed number of steps with a wall-clock cap. Threads: 2 on idle cores (measured
-1.6-1.8x one thread on 2 cores), 1 when the cores are already busy (2 threads then stall on each other); experts
-backend: ``grouped_mm`` (1.05-1.2x ``eager`` on CPU; ``batched_mm`` is far slower there).
+1.6-1.7x one thread on 2 cores), 1 when other work is running (2 threads then stall on each other, see
+``default_threads``); experts backend: ``grouped_mm`` (1.05-1.2x ``eager`` on CPU; ``batched_mm`` is far slower).
 
 Run ``python -m moe_routing.demo`` to train (or find) the cache and print its facts.
 """
@@ -115,6 +115,7 @@ def demo_model_path(which: str = "trained", *, retrain: bool = False) -> Path:
 def _build_cache(root: Path, *, replace: bool) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         train_demo_model(tmp)
         if replace and root.exists():
@@ -245,7 +246,16 @@ def train_demo_model(
 
     Training runs ``steps`` optimiser steps, or stops earlier when ``seconds`` of wall-clock time are spent (the
     learning-rate schedule follows whichever of the two is further along, so a cut run still ends annealed;
-    ``facts["stopped_by"]`` says which). Same seed and same machine: same weights.
+    ``facts["stopped_by"]`` says which). Same seed, thread count and machine, with the step budget binding
+    (``stopped_by == "steps"``): same weights; a run cut by the clock depends on the machine's speed.
+
+    Args:
+        out_dir: created if needed; receives ``trained/`` and ``untrained/`` (weights, tokenizer, facts JSON).
+        seconds: wall-clock cap of the training loop (tokenizer, evaluation and saving come on top, ~15-30 s).
+        steps: optimiser steps of ``BATCH_TOKENS`` padded tokens each.
+        seed: model initialisation, data order and the demo corpus's held-out split.
+        threads: torch threads while training (restored afterwards); default ``default_threads()``.
+        progress: show a tqdm bar on stderr.
     """
     import torch
     from tqdm.auto import tqdm
@@ -388,17 +398,19 @@ def train_demo_model(
 
 
 def default_threads() -> int:
-    """2 threads (1.6-1.8x one thread on 2 idle cores), but 1 when the cores are already busy.
+    """2 threads on idle cores, 1 as soon as other work is running.
 
-    Measured on 2 shared cores: with other processes running, 2 threads swung between 0.15x and 1.7x of one
-    thread (each step waits for the slower thread), while 1 thread stayed at about 5k tokens/s.
+    Measured on 2 cores (training steps, interleaved, medians): idle, 2 threads gave 8.4-8.9k tokens/s against
+    5.0-5.3k for 1 thread; with other processes on the cores, 2 threads swung between 0.15x and 1.7x of one thread
+    in training and ran forward passes 7-14x slower (each op waits for the descheduled thread), while 1 thread
+    kept about 60% of its idle speed.
     """
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # pragma: no cover - Windows
         load = 0.0
-    return 1 if cores < 2 or load >= cores - 0.5 else min(THREADS, cores)
+    return 1 if cores < 2 or load > cores - 1.5 else min(THREADS, cores)
 
 
 def _save(model, tokenizer, path: Path) -> None:
