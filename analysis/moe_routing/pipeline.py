@@ -246,6 +246,8 @@ def capture_corpus(
             for p in (out / "ranks").glob("rank-*.json") if (out / "ranks").exists() else []:
                 p.unlink()
         (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in (out / SHARD_DIR).glob(".part-*.tmp-*"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
     _barrier()
 
     stats = {"empty": 0, "chunked": 0}
