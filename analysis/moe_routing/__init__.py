@@ -29,6 +29,18 @@ from .pipeline import capture_corpus
 from .store import TraceReader, open_trace
 from .trace import RoutingTrace
 
+_LAZY = {"plots", "corpora", "imports", "demo", "report", "demo_pipeline"}
+
+
+def __getattr__(name: str):
+    """Heavier sub-packages (plotly, seaborn, datasets) load on first use: ``mr.plots``, ``mr.corpora``, ..."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'moe_routing' has no attribute {name!r}")
+
+
 __all__ = [
     "ADAPTERS",
     "Adapter",
@@ -48,5 +60,6 @@ __all__ = [
     "load_model",
     "metrics",
     "open_trace",
+    "plots",
     "supported_families",
 ]
