@@ -108,3 +108,18 @@ def test_changed_corpus_is_detected_on_resume(qwen3_moe, tokenizer, tmp_path):
 def test_empty_corpus(qwen3_moe, tokenizer, tmp_path):
     with pytest.raises(CorpusError, match="no tokens"), pytest.warns(UserWarning, match="2 empty texts"):
         run(qwen3_moe, tokenizer, tmp_path, ["", "  "])
+
+
+def test_other_weights_are_not_mistaken_for_the_same_trace(tokenizer, tmp_path):
+    from conftest import make_qwen3_moe
+
+    from moe_routing.models import weights_id
+
+    a, b = make_qwen3_moe(seed=0), make_qwen3_moe(seed=1)  # same config, other weights
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    a.moe_routing_weights_id, b.moe_routing_weights_id = weights_id(tmp_path / "a"), weights_id(tmp_path / "b")
+    assert a.moe_routing_weights_id != b.moe_routing_weights_id
+    run(a, tokenizer, tmp_path / "t")
+    with pytest.raises(TraceError, match="another model"):
+        run(b, tokenizer, tmp_path / "t")

@@ -60,7 +60,7 @@ def demo_runs(
 
     A real model's parts default to ``("flores",)`` when FLORES-200 is reachable, else ``("heldout", "udhr")``.
     """
-    from .models import load_model
+    from .models import load_model, resolve_model_path, weights_id
     from .pipeline import capture_corpus
 
     runs = Path(runs)
@@ -71,27 +71,45 @@ def demo_runs(
     for variant, name in variants.items():
         todo = {p: runs / _slug(model) / f"{variant}-{p}" for p in parts}
         out.update({f"{variant}/{p}": d for p, d in todo.items()})
-        if all((d / "manifest.json").exists() and _complete(d) for d in todo.values()):
+        path = resolve_model_path(name)
+        wid = weights_id(path) if Path(path).is_dir() else None
+        if all(_complete(d, wid) for d in todo.values()):
             continue
         loaded, tok = load_model(name, dtype=dtype, device_map=device_map)
         for part, directory in todo.items():
-            if _complete(directory):
+            if _complete(directory, wid):
                 continue
+            stale = (directory / "manifest.json").exists() and _weights_of(directory) != wid
+            if stale:
+                print(f"[moe-routing] {directory} was captured from other weights; capturing again",
+                      file=sys.stderr)
             corpus = load_part(part, langs=langs, max_per_lang=max_per_lang)
             print(f"[moe-routing] {variant} model on {part}: {len(corpus)} texts", file=sys.stderr, flush=True)
             capture_corpus(loaded, tok, corpus, directory, batch_size=batch_size, max_tokens=max_tokens,
-                           labels=[c for c in LABELS if c in corpus.columns], progress=progress)
+                           labels=[c for c in LABELS if c in corpus.columns], progress=progress,
+                           overwrite=stale)
         del loaded
     return out
 
 
-def _complete(directory: Path) -> bool:
+def _weights_of(directory: Path) -> str | None:
     import json
 
     try:
-        return bool(json.loads((directory / "manifest.json").read_text()).get("complete"))
+        return json.loads((directory / "manifest.json").read_text()).get("weights_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _complete(directory: Path, weights: str | None = None) -> bool:
+    """A finished trace directory, captured from these weights (when ``weights`` is known)."""
+    import json
+
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
+    return bool(manifest.get("complete")) and (weights is None or manifest.get("weights_id") == weights)
 
 
 def _real_model_parts(langs: list[str] | None) -> tuple[str, ...]:

@@ -35,6 +35,19 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+def weights_id(path: str | os.PathLike) -> str:
+    """A cheap identity of a model's weights: names, sizes and mtimes of a local directory's weight files,
+    or the hub commit hash. Traces record it so that a retrained model never reuses stale traces."""
+    import hashlib
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+        blob = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return str(path)
+
+
 def load_model(
     name_or_path: str | os.PathLike = "demo",
     *,
@@ -82,4 +95,6 @@ def load_model(
     if eval_mode:
         model.eval()
     model.config.name_or_path = str(name_or_path)
+    commit = getattr(model.config, "_commit_hash", None)
+    model.moe_routing_weights_id = weights_id(path) if Path(path).is_dir() or not commit else f"{path}@{commit}"
     return model, tokenizer

@@ -173,6 +173,7 @@ def _model_facts(model: Any) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", ""),
         "revision": getattr(cfg, "_commit_hash", None),
         "config_hash": config_hash(cfg.to_dict()),
+        "weights_id": getattr(model, "moe_routing_weights_id", None),
         "versions": {"moe_routing": __version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }
@@ -224,7 +225,8 @@ def capture_corpus(
         "padding_side": getattr(tokenizer, "padding_side", "right"),
     }
     facts = _model_facts(model)
-    fingerprint = config_hash({"settings": settings, "config_hash": facts["config_hash"]})
+    fingerprint = config_hash({"settings": settings, "config_hash": facts["config_hash"],
+                               "weights_id": facts["weights_id"]})
 
     mpath = out / MANIFEST
     if mpath.exists() and not overwrite:
