@@ -112,7 +112,6 @@ def test_empty_corpus(qwen3_moe, tokenizer, tmp_path):
 
 def test_other_weights_are_not_mistaken_for_the_same_trace(tokenizer, tmp_path):
     from conftest import make_qwen3_moe
-
     from moe_routing.models import weights_id
 
     a, b = make_qwen3_moe(seed=0), make_qwen3_moe(seed=1)  # same config, other weights
