@@ -35,6 +35,8 @@ from .trace import NO_EXPERT, RoutingTrace
 
 
 def _read_experts_args(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(args) >= 3:  # the common call experts(hidden, index, weights): no signature binding needed
+        return args[1], args[2]
     bound = sig.bind_partial(*args, **kwargs).arguments
     values = list(bound.values())
     if len(values) < 3:
@@ -247,17 +249,23 @@ class Recorder:
         n_rows = call.batch * call.seq
         ks = {idx.shape[1] for idx, _ in self._pending.values()}
         k = max(ks)
-        ids = np.full((n_rows, len(self.layers), k), NO_EXPERT, dtype=np.int16)
-        w = np.zeros((n_rows, len(self.layers), k), dtype=np.float32)
-        for j, layer in enumerate(self.layers):
-            idx, wt = self._pending[layer]
-            if idx.shape[0] != n_rows:
+        for layer in self.layers:
+            if self._pending[layer][0].shape[0] != n_rows:
                 raise CaptureError(
-                    f"layer {layer} routed {idx.shape[0]} rows but the call had batch {call.batch} x seq "
-                    f"{call.seq} = {n_rows} tokens; this model reshapes tokens in a way the adapter does not know."
+                    f"layer {layer} routed {self._pending[layer][0].shape[0]} rows but the call had batch "
+                    f"{call.batch} x seq {call.seq} = {n_rows} tokens; this model reshapes tokens in a way the "
+                    "adapter does not know."
                 )
-            ids[:, j, : idx.shape[1]] = idx.numpy()
-            w[:, j, : idx.shape[1]] = wt.to(torch.float32).numpy()
+        if len(ks) == 1:  # one stack per batch instead of a copy per layer
+            ids = torch.stack([self._pending[la][0] for la in self.layers], dim=1).numpy().astype(np.int16)
+            w = torch.stack([self._pending[la][1].to(torch.float32) for la in self.layers], dim=1).numpy()
+        else:  # layers with different k (hunyuan per-layer top-k): pad the shorter ones with empty slots
+            ids = np.full((n_rows, len(self.layers), k), NO_EXPERT, dtype=np.int16)
+            w = np.zeros((n_rows, len(self.layers), k), dtype=np.float32)
+            for j, layer in enumerate(self.layers):
+                idx, wt = self._pending[layer]
+                ids[:, j, : idx.shape[1]] = idx.numpy()
+                w[:, j, : idx.shape[1]] = wt.to(torch.float32).numpy()
         if self.top_k is None or k > self.top_k:
             self.top_k = k
         keep = call.mask.reshape(-1).cpu().numpy()
