@@ -64,7 +64,7 @@ def test_an_adapter_that_matches_no_experts_module_gets_a_clear_error(qwen3_moe)
     """A custom adapter pointed at the router instead of the experts: refused before any hook is installed."""
     wrong = mr.Adapter("custom", experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp\.gate$", reading="experts_args")
     ids = torch.randint(2, 300, (1, 4))
-    with pytest.raises(mr.UnsupportedModelError, match="no experts modules matched the 'custom' adapter"):
-        with torch.inference_mode(), mr.capture(qwen3_moe, adapter=wrong):
-            qwen3_moe(input_ids=ids)
+    with (pytest.raises(mr.UnsupportedModelError, match="no experts modules matched the 'custom' adapter"),
+          torch.inference_mode(), mr.capture(qwen3_moe, adapter=wrong)):
+        qwen3_moe(input_ids=ids)
     assert _hook_count(qwen3_moe) == 0
