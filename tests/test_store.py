@@ -75,3 +75,19 @@ def test_shard_of_another_configuration_is_refused(tmp_path):
     )
     with pytest.raises(CorruptShardError, match="mixes two models"):
         TraceReader(tmp_path / "a").read()
+
+
+def test_duckdb_view_scans_out_of_core_and_agrees_with_the_metrics(tmp_path):
+    t = random_trace(n=300)
+    t.save(tmp_path)
+    con = TraceReader(tmp_path).duckdb()
+    rows = con.sql(
+        "select l.layer_idx - 1 as j, e as expert, count(*) as n from trace, "
+        "unnest(generate_series(1, 3)) as l(layer_idx), unnest(expert_ids[l.layer_idx]) as s(e) "
+        "group by all order by all"
+    ).fetchall()
+    load = mr.metrics.expert_load(t)
+    for j, expert, n in rows:
+        got = load[(load.layer == t.layers[j]) & (load.expert == expert)]["count"].item()
+        assert got == n
+    assert sum(n for *_, n in rows) == t.expert_ids.size

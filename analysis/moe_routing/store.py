@@ -306,6 +306,18 @@ class TraceReader:
 
         return ds.dataset([str(p) for p in self.shards()], format="parquet")
 
+    def duckdb(self, connection: Any = None, *, view: str = "trace"):
+        """A DuckDB connection with a view ``trace`` over all shards (out-of-core SQL; arrays are 1-based).
+
+        Example: ``r.duckdb().sql("select count(*) from trace where expert_ids[1][1] = 3")``.
+        """
+        import duckdb
+
+        con = connection or duckdb.connect()
+        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in self.shards())
+        con.execute(f"create or replace view {view} as select * from read_parquet([{files}])")
+        return con
+
     @property
     def num_tokens(self) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in self.shards())
