@@ -250,6 +250,13 @@ def grouped_counts(codes: np.ndarray, n_groups: int, ids: np.ndarray, num_expert
     return total.reshape(n_groups, n_layers, width)[:, :, 1:]
 
 
+def label_codes(chunk: RoutingTrace, label: Label | None) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [tokens], values [V]) of a label in a chunk; without a label every token is in one group 0."""
+    if label is None:
+        return np.zeros(chunk.num_tokens, np.intp), np.array([0])
+    return factorize(label_of(chunk, label))
+
+
 def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(codes [tokens] intp, uniques)`` by hashing (no sort of the tokens)."""
     import pandas as pd
@@ -507,10 +514,7 @@ def grouped_counts_boot(
 
     def update(state: dict, chunk: RoutingTrace) -> None:
         n_layers, e = chunk.num_layers, chunk.num_experts
-        if label is None:
-            codes, values = np.zeros(chunk.num_tokens, np.intp), np.array([0])
-        else:
-            codes, values = factorize(label_of(chunk, label))
+        codes, values = label_codes(chunk, label)
         mask = np.ones(len(values), dtype=bool)
         if keep is not None:
             wanted = set(keep)

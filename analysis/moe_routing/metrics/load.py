@@ -23,8 +23,8 @@ from ._common import (
     fold,
     grouped_counts,
     hash_uniform,
+    label_codes,
     label_name,
-    label_of,
     layer_expert_counts,
     require_logits,
     require_weights,
@@ -82,10 +82,7 @@ def usage_counts(
 
     def update(state: dict, chunk: RoutingTrace) -> None:
         e = chunk.num_experts
-        if label is None:
-            codes, values = np.zeros(chunk.num_tokens, np.intp), np.array([0])
-        else:
-            codes, values = factorize(label_of(chunk, label))
+        codes, values = label_codes(chunk, label)
         if weighted:
             ids, w = _sorted_slots(chunk, k)
             counts = _weighted_counts(ids, w, e, codes, len(values))

@@ -26,8 +26,8 @@ from ._common import (
     fold,
     grouped_counts,
     hash64,
+    label_codes,
     label_name,
-    label_of,
     layer_expert_counts,
     quantiles,
     random_pair_overlap,
@@ -195,10 +195,7 @@ def consecutive_same_expert(
 
     def update(state: dict, chunk: RoutingTrace) -> None:
         e, n_layers = chunk.num_experts, chunk.num_layers
-        if by is None:
-            codes, values = np.zeros(chunk.num_tokens, np.intp), np.array([0])
-        else:
-            codes, values = factorize(label_of(chunk, by))
+        codes, values = label_codes(chunk, by)
         nv = len(values)
         state["tok"].add(values, np.bincount(codes, minlength=nv))
         if chunk.top_k >= 2:
