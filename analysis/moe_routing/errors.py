@@ -29,3 +29,19 @@ class CorpusError(MoERoutingError, ValueError):
 
 class MetricError(MoERoutingError, ValueError):
     """A metric was asked for something the trace cannot answer (no weights, unknown layer, ...)."""
+
+
+class SettingError(MoERoutingError, ValueError):
+    """An argument has a value that cannot work (batch size 0, an unknown dtype, ...)."""
+
+
+class MissingShardError(CorruptShardError):
+    """A shard the manifest lists is not in the trace directory (deleted or never written)."""
+
+
+class ForeignShardError(CorruptShardError):
+    """A shard in the trace directory was not written by the capture the manifest describes."""
+
+
+class TraceLockedError(TraceError):
+    """Another process is writing the same trace directory."""

@@ -7,19 +7,26 @@ Layout of a trace directory::
 
 Each shard row: ``doc_id int64, position int32, token_id int32, <labels...>,
 expert_ids fixed_size_list<fixed_size_list<int16, k>, layers>, weights fixed_size_list<...float32...>``
-and, when captured with logits, ``router_logits fixed_size_list<fixed_size_list<float16, experts>, layers>``.
+(int32 ids for more than 32,767 experts) and, when captured with logits,
+``router_logits fixed_size_list<fixed_size_list<float16, experts>, layers>``.
 DuckDB reads ``expert_ids[layer][slot]`` (1-based), Polars reads ``Array`` columns, pandas reads lists.
 
 Shards are written to a temporary name and renamed into place, so a shard that exists is complete; the manifest
-is rewritten the same way. No pickle anywhere.
+is rewritten the same way. A finished manifest lists every shard (``shards``: name -> token count and input
+hash; ``num_shards``) and each shard's Parquet metadata carries its input hash and the run's fingerprint, so a
+reader notices a deleted shard or one copied from another run. One writer at a time: a run holds
+``.moe-routing.lock`` in the directory while it writes. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CorruptShardError, TraceError
-from .trace import RoutingTrace
+from .errors import CorruptShardError, ForeignShardError, MissingShardError, TraceError, TraceLockedError
+from .trace import RoutingTrace, expert_dtype
 
 FORMAT_NAME = "moe-routing-trace"
 FORMAT_VERSION = 1
@@ -39,6 +46,12 @@ SHARD_DIR = "shards"
 _SHARD_RE = re.compile(r"^part-(\d{6})\.parquet$")
 RESERVED_COLUMNS = frozenset({"doc_id", "position", "token_id", "expert_ids", "weights", "router_logits"})
 _REQUIRED_MANIFEST_KEYS = ("format", "format_version", "layers", "num_experts", "top_k", "labels", "has_logits")
+LOCK_NAME = ".moe-routing.lock"
+LOCK_OWNER = ".moe-routing.lock.json"
+INPUT_KEY = b"moe_routing.input_sha256"
+FINGERPRINT_KEY = b"moe_routing.fingerprint"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_VIEW_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def shard_name(index: int) -> str:
@@ -63,6 +76,94 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
     _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` files left by writers that no longer run; another live process's in-flight
+    temporary files are never touched. Returns the files removed."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m and int(m.group("pid")) != os.getpid() and not _pid_alive(int(m.group("pid"))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking lock on a trace directory (``filelock`` on ``<dir>/.moe-routing.lock``).
+
+    The operating system releases it when the holder exits, even when killed, so it never goes stale. A second
+    writer gets ``TraceLockedError`` naming the lock and the process holding it.
+    """
+
+    def __init__(self, directory: str | Path, *, purpose: str = "capture") -> None:
+        self.directory = Path(directory)
+        self.purpose = purpose
+        self._lock: Any = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory / LOCK_NAME
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the current holder wrote about itself (pid, host, purpose, since), if readable."""
+        try:
+            info = json.loads((self.directory / LOCK_OWNER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def acquire(self) -> DirectoryLock:
+        from filelock import FileLock, Timeout
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.lock_path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            info = self.holder() or {}
+            who = (f"process {info.get('pid')} on {info.get('host')} ({info.get('purpose')}, since "
+                   f"{info.get('since')})" if info else "another process")
+            raise TraceLockedError(
+                f"{self.directory} is being written by {who}: it holds the lock {self.lock_path}. Wait for that "
+                "run to finish (then re-run this command: a finished trace is reused or resumed), or write to "
+                "another directory. The lock is released automatically when its process exits."
+            ) from None
+        self._lock = lock
+        with contextlib.suppress(TraceError):  # the lock itself is what counts; the note is a courtesy
+            write_json_atomic(self.directory / LOCK_OWNER, {
+                "pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+        return self
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        (self.directory / LOCK_OWNER).unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def _nested_list(arr: np.ndarray, pa_type: pa.DataType) -> pa.Array:
@@ -92,7 +193,8 @@ def trace_to_table(trace: RoutingTrace) -> pa.Table:
     }
     for key, value in trace.labels.items():
         cols[key] = pa.array(value)
-    cols["expert_ids"] = _nested_list(trace.expert_ids, pa.int16())
+    id_type = pa.int32() if trace.expert_ids.dtype == np.int32 else pa.int16()
+    cols["expert_ids"] = _nested_list(trace.expert_ids, id_type)
     cols["weights"] = _nested_list(trace.weights, pa.float32())
     if trace.router_logits is not None:
         cols["router_logits"] = _nested_list(trace.router_logits, pa.float16())
@@ -129,16 +231,79 @@ def manifest_for(trace: RoutingTrace, **extra: Any) -> dict[str, Any]:
     }
 
 
-def write_trace(trace: RoutingTrace, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write an in-memory trace as a one-shard trace directory."""
+def shard_record(tokens: int, input_sha256: str) -> dict[str, Any]:
+    """What a finished manifest says about one shard."""
+    return {"tokens": int(tokens), "input_sha256": str(input_sha256)}
+
+
+def with_shard_metadata(table: pa.Table, input_sha256: str, fingerprint: str) -> pa.Table:
+    """The table with its input hash and the run's fingerprint in the Parquet schema metadata."""
+    meta = {**(table.schema.metadata or {}), INPUT_KEY: input_sha256.encode(), FINGERPRINT_KEY: fingerprint.encode()}
+    return table.replace_schema_metadata(meta)
+
+
+def _trace_inputs_hash(trace: RoutingTrace) -> str:
+    h = hashlib.sha256()
+    for arr in (trace.doc_ids, trace.positions, trace.token_ids):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _document_splits(doc_ids: np.ndarray, tokens_per_shard: int | None) -> list[tuple[int, int]]:
+    """[start, stop) token ranges of about ``tokens_per_shard`` tokens each, cut only where the document changes."""
+    n = len(doc_ids)
+    if tokens_per_shard is None or n == 0:
+        return [(0, n)]
+    if tokens_per_shard < 1:
+        raise TraceError(f"tokens_per_shard must be >= 1, got {tokens_per_shard}.")
+    cuts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])  # first token of each document run
+    out, start = [], 0
+    for c in cuts[1:].tolist():
+        if c - start >= tokens_per_shard:
+            out.append((start, c))
+            start = c
+    out.append((start, n))
+    return out
+
+
+def write_trace(trace: RoutingTrace, path: str | Path, *, overwrite: bool = False,
+                tokens_per_shard: int | None = None) -> Path:
+    """Write an in-memory trace as a trace directory: one shard, or shards of about ``tokens_per_shard`` tokens
+    (documents never span shards).
+
+    Refuses (without ``overwrite=True``) a directory that holds a trace or shard files already, and one that
+    another process is writing.
+    """
     path = Path(path)
+    existing = sorted(p.name for p in (path / SHARD_DIR).glob("part-*.parquet")) if (path / SHARD_DIR).is_dir() \
+        else []
     if (path / MANIFEST).exists() and not overwrite:
         raise TraceError(f"{path} already holds a trace; pass overwrite=True to replace it.")
-    (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    for old in (path / SHARD_DIR).glob("part-*.parquet"):
-        old.unlink()
-    write_shard(trace_to_table(trace), path / SHARD_DIR / shard_name(0))
-    write_json_atomic(path / MANIFEST, manifest_for(trace, complete=True, num_shards=1, tokens=trace.num_tokens))
+    if existing and not overwrite:
+        raise TraceError(
+            f"{path} holds {len(existing)} shard files ({existing[0]}, ...) but no {MANIFEST} (an interrupted "
+            "capture, or another tool's files); pass overwrite=True to delete them and write this trace, or "
+            "choose another directory."
+        )
+    splits = _document_splits(trace.doc_ids, tokens_per_shard)
+    with DirectoryLock(path, purpose="write_trace"):
+        (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            (path / MANIFEST).unlink(missing_ok=True)
+        for old in (path / SHARD_DIR).glob("part-*.parquet"):
+            old.unlink()
+        manifest = manifest_for(trace)
+        parts = [trace if len(splits) == 1 else trace.select(np.arange(a, b)) for a, b in splits]
+        digests = [_trace_inputs_hash(part) for part in parts]
+        fingerprint = config_hash({"manifest": manifest, "inputs": digests})
+        records = {}
+        for i, (part, digest) in enumerate(zip(parts, digests, strict=True)):
+            write_shard(with_shard_metadata(trace_to_table(part), digest, fingerprint), path / SHARD_DIR / shard_name(i))
+            records[shard_name(i)] = shard_record(part.num_tokens, digest)
+        write_json_atomic(path / MANIFEST, {
+            **manifest, "complete": True, "num_shards": len(records), "tokens": trace.num_tokens,
+            "fingerprint": fingerprint, "shards": records,
+        })
     return path
 
 
@@ -180,6 +345,18 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise TraceError(f"{mpath}: 'labels' must be a list of names, got {manifest['labels']!r}.")
     if not isinstance(manifest["has_logits"], bool):
         raise TraceError(f"{mpath}: 'has_logits' must be true or false, got {manifest['has_logits']!r}.")
+    records = manifest.get("shards")
+    if records is not None:
+        ok = isinstance(records, dict) and all(
+            isinstance(name, str) and _SHARD_RE.match(name) and isinstance(r, dict)
+            and isinstance(r.get("tokens"), int) and isinstance(r.get("input_sha256"), str)
+            for name, r in records.items()
+        )
+        if not ok:
+            raise TraceError(f"{mpath}: 'shards' must map shard names to {{tokens, input_sha256}}; it is damaged.")
+        if manifest.get("num_shards") != len(records):
+            raise TraceError(f"{mpath}: 'num_shards' is {manifest.get('num_shards')!r} but {len(records)} shards "
+                             "are listed; the manifest is damaged. Re-run the capture with overwrite=True.")
     return manifest
 
 
@@ -188,6 +365,10 @@ class TraceReader:
 
     ``read()`` loads everything; ``iter_traces()`` yields one ``RoutingTrace`` per shard (memory bounded);
     ``dataset()`` gives a ``pyarrow.dataset.Dataset`` for DuckDB / Polars scans.
+
+    Reading checks every shard against the manifest's list (token count, input hash, the run's fingerprint):
+    a missing shard raises ``MissingShardError``, a shard of another run ``ForeignShardError`` (both name the
+    shard; ``skip_corrupt=True`` warns and goes on). Reading a directory that is not complete warns.
     """
 
     def __init__(self, path: str | Path, *, skip_corrupt: bool = False) -> None:
@@ -209,8 +390,35 @@ class TraceReader:
         )
 
     @property
+    def records(self) -> dict[str, dict[str, Any]] | None:
+        """Shard name -> ``{tokens, input_sha256}`` from a finished manifest (None for older traces)."""
+        records = self.manifest.get("shards")
+        return records if isinstance(records, dict) else None
+
+    @property
+    def missing_shards(self) -> list[str]:
+        """Shards the manifest lists that are not in the directory."""
+        if self.records is None:
+            return []
+        present = {p.name for p in self.shards()}
+        return sorted(name for name in self.records if name not in present)
+
+    @property
     def complete(self) -> bool:
-        return bool(self.manifest.get("complete", False))
+        """The capture finished and every shard it wrote is still there."""
+        return bool(self.manifest.get("complete", False)) and not self.missing_shards
+
+    def incomplete_reason(self) -> str | None:
+        """Why this directory is not a complete trace (None when it is)."""
+        if not self.manifest.get("complete", False):
+            return (f"{self.path} is incomplete (the capture was interrupted or is still running): it holds the "
+                    f"{len(self.shards())} shards written so far. Re-run the capture command to finish it.")
+        missing = self.missing_shards
+        if missing:
+            return (f"{self.path} lacks {len(missing)} of its {len(self.records or {})} shards "
+                    f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): they were deleted or moved. "
+                    "Re-run the same capture command to rewrite exactly those shards.")
+        return None
 
     def shards(self) -> list[Path]:
         """Shard files in order (by index; independent of which rank wrote them)."""
@@ -231,15 +439,43 @@ class TraceReader:
                 "trace or configuration. Move it out of the trace directory or re-capture."
             )
         n_layers, k = len(self.layers), self.top_k
-        for col, width in (("expert_ids", k), ("weights", k)):
+        widths = set()
+        for col in ("expert_ids", "weights"):
             t = table.schema.field(col).type
             ok = pa.types.is_fixed_size_list(t) and t.list_size == n_layers
-            ok = ok and pa.types.is_fixed_size_list(t.value_type) and t.value_type.list_size == width
+            ok = ok and pa.types.is_fixed_size_list(t.value_type) and 0 < t.value_type.list_size <= k
             if not ok:
                 raise CorruptShardError(
-                    f"shard {shard}: column {col} has type {t}, expected [{n_layers} layers x {width}] as the "
+                    f"shard {shard}: column {col} has type {t}, expected [{n_layers} layers x {k}] as the "
                     "manifest says; the directory mixes two models or configurations."
                 )
+            widths.add(t.value_type.list_size)
+        if len(widths) != 1:
+            raise CorruptShardError(f"shard {shard}: expert_ids and weights have different widths {sorted(widths)}.")
+
+    def _check_origin(self, table: pa.Table, shard: Path) -> None:
+        """The shard is the one the manifest lists: same token count, input hash and run fingerprint."""
+        records = self.records
+        if records is None:
+            return
+        record = records.get(shard.name)
+        fix = ("Move it out of the trace directory and re-run the same capture command to rewrite it, or read "
+               "with skip_corrupt=True.")
+        if record is None:
+            if self.manifest.get("complete", False):
+                raise ForeignShardError(f"shard {shard} is not one of the {len(records)} shards this trace's "
+                                        f"manifest lists: it was copied in from elsewhere. {fix}")
+            return
+        meta = table.schema.metadata or {}
+        got_input = meta.get(INPUT_KEY, b"").decode(errors="replace")
+        got_fp = meta.get(FINGERPRINT_KEY, b"").decode(errors="replace")
+        want_fp = str(self.manifest.get("fingerprint", ""))
+        if got_input != record["input_sha256"] or (want_fp and got_fp and got_fp != want_fp):
+            raise ForeignShardError(f"shard {shard} was written by another run (its input hash or fingerprint "
+                                    f"differs from what the manifest records for it). {fix}")
+        if table.num_rows != record["tokens"]:
+            raise ForeignShardError(f"shard {shard} holds {table.num_rows} tokens but the manifest records "
+                                    f"{record['tokens']} for it. {fix}")
 
     def read_shard(self, shard: Path, *, layers: Sequence[int] | None = None) -> RoutingTrace:
         """One shard as a RoutingTrace; CorruptShardError naming the shard when it cannot be read."""
@@ -251,10 +487,15 @@ class TraceReader:
                 "and re-run the same capture command to rewrite it, or read with skip_corrupt=True."
             ) from exc
         self._check_schema(table, shard)
+        self._check_origin(table, shard)
         n_layers = len(self.layers)
+        width = table.schema.field("expert_ids").type.value_type.list_size
         try:
-            ids = _unnest(table["expert_ids"], n_layers, self.top_k, np.int16)
-            w = _unnest(table["weights"], n_layers, self.top_k, np.float32)
+            ids = _unnest(table["expert_ids"], n_layers, width, expert_dtype(self.num_experts))
+            w = _unnest(table["weights"], n_layers, width, np.float32)
+            if width < self.top_k:  # a shard captured before the recorder saw a wider layer: empty slots
+                ids = np.concatenate([ids, np.full((len(ids), n_layers, self.top_k - width), -1, ids.dtype)], 2)
+                w = np.concatenate([w, np.zeros((len(w), n_layers, self.top_k - width), w.dtype)], 2)
             logits = None
             if self.has_logits:
                 e = table.schema.field("router_logits").type.value_type.list_size
@@ -278,7 +519,21 @@ class TraceReader:
         return trace if layers is None else trace.select(layers=layers)
 
     def iter_traces(self, *, layers: Sequence[int] | None = None) -> Iterator[RoutingTrace]:
-        """Yield one RoutingTrace per shard, in order. Corrupt shards raise (or warn, with skip_corrupt)."""
+        """Yield one RoutingTrace per shard, in order. Missing, foreign or corrupt shards raise (or warn, with
+        ``skip_corrupt``); a directory whose capture has not finished warns."""
+        missing = self.missing_shards
+        if missing:
+            exc = MissingShardError(
+                f"{self.path}: shards {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} are listed in "
+                f"the manifest but missing ({len(missing)} of {len(self.records or {})}); reading the rest would "
+                "silently use less data. Re-run the same capture command to rewrite exactly those shards, or "
+                "read with skip_corrupt=True."
+            )
+            if not self.skip_corrupt:
+                raise exc
+            warnings.warn(f"skipping: {exc}", stacklevel=2)
+        elif not self.manifest.get("complete", False):
+            warnings.warn(self.incomplete_reason() or "", stacklevel=2)
         for shard in self.shards():
             try:
                 yield self.read_shard(shard, layers=layers)
@@ -289,12 +544,6 @@ class TraceReader:
 
     def read(self, *, layers: Sequence[int] | None = None) -> RoutingTrace:
         """The whole trace in memory."""
-        if not self.complete:
-            warnings.warn(
-                f"{self.path} is incomplete (the capture was interrupted or is still running): reading the "
-                f"{len(self.shards())} shards written so far. Re-run the capture command to finish it.",
-                stacklevel=2,
-            )
         parts = list(self.iter_traces(layers=layers))
         if not parts:
             raise TraceError(f"{self.path} holds no readable shards yet.")
@@ -313,9 +562,17 @@ class TraceReader:
         """
         import duckdb
 
+        if not isinstance(view, str) or not _VIEW_RE.match(view):
+            raise TraceError(f"view name {view!r} is not a plain SQL identifier; use letters, digits and _ only.")
+        shards = self.shards()
+        if not shards:
+            raise TraceError(f"{self.path} holds no shards yet; there is nothing to query.")
+        reason = self.incomplete_reason()
+        if reason:
+            warnings.warn(reason, stacklevel=2)
         con = connection or duckdb.connect()
-        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in self.shards())
-        con.execute(f"create or replace view {view} as select * from read_parquet([{files}])")
+        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in shards)
+        con.execute(f'create or replace view "{view}" as select * from read_parquet([{files}])')
         return con
 
     @property

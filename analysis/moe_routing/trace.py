@@ -9,6 +9,8 @@ Dimensions used throughout the package:
 
 A slot whose ``expert_ids`` value is ``-1`` carries no expert (a token dropped at capacity by
 switch_transformers, a "skip" slot of zaya, or padding of a layer with a smaller k): metrics ignore it.
+
+``expert_ids`` are int16, or int32 for a model with more than 32,767 experts (``expert_dtype``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .errors import TraceError
 
 NO_EXPERT = -1
+LabelPer = Literal["token", "doc"]
+
+
+def expert_dtype(num_experts: int) -> np.dtype:
+    """The dtype of ``expert_ids``: int16, or int32 when ids above 32,767 exist (``num_experts > 32767``)."""
+    return np.dtype(np.int16) if int(num_experts) <= np.iinfo(np.int16).max else np.dtype(np.int32)
 
 
 def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
@@ -30,9 +38,103 @@ def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
     if arr.ndim != ndim:
         raise TraceError(f"{name} must have {ndim} dimensions, got shape {arr.shape}.")
     wants_int = np.issubdtype(np.dtype(dtype), np.integer) and arr.size and not np.issubdtype(arr.dtype, np.integer)
-    if wants_int and (not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))):
-        raise TraceError(f"{name} must hold integers, got dtype {arr.dtype} with fractional values.")
+    if wants_int and (arr.dtype.kind not in "fb" or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))):
+        raise TraceError(f"{name} must hold integers, got dtype {arr.dtype} with non-integer values.")
+    if np.issubdtype(np.dtype(dtype), np.integer) and arr.size and arr.dtype != dtype:
+        info = np.iinfo(dtype)
+        lo, hi = arr.min(), arr.max()
+        if lo < info.min or hi > info.max:
+            raise TraceError(f"{name} holds values in [{lo}, {hi}], outside the {np.dtype(dtype)} range; "
+                             "they cannot be stored faithfully.")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _as_expert_ids(value: Any, num_experts: int) -> np.ndarray:
+    """``[tokens, layers, k]`` ids, range-checked against ``num_experts`` *before* any narrowing cast."""
+    arr = np.asarray(value)
+    if arr.ndim != 3:
+        raise TraceError(f"expert_ids must have 3 dimensions, got shape {arr.shape}.")
+    if arr.size:
+        arr = _as_array("expert_ids", arr, np.int64, 3) if arr.dtype.kind != "i" else arr
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < NO_EXPERT or hi >= num_experts:
+            raise TraceError(
+                f"expert_ids range [{lo}, {hi}] is outside [-1, num_experts={num_experts}); "
+                "pass the model's num_experts (ids >= num_experts are not routed experts)."
+            )
+    return np.ascontiguousarray(arr, dtype=expert_dtype(num_experts))
+
+
+def _is_missing(arr: np.ndarray) -> np.ndarray:
+    """bool ``[n]``: None / NaN / pandas NA entries of an object array."""
+    import pandas as pd
+
+    return np.asarray(pd.isna(arr), dtype=bool)
+
+
+def _label_array(key: str, value: Any) -> np.ndarray:
+    """A label as a 1-D array; missing values (None, NaN among strings) are refused, never turned into 'None'."""
+    raw = value if isinstance(value, np.ndarray) else np.asarray(list(value) if not np.isscalar(value) else value,
+                                                                   dtype=object)
+    if raw.dtype.kind == "O":
+        missing = _is_missing(raw) if raw.ndim == 1 else np.zeros(0, dtype=bool)
+        if missing.any():
+            first = int(np.flatnonzero(missing)[0])
+            raise TraceError(
+                f"label {key!r} has {int(missing.sum())} missing values (None / NaN; the first at index {first}). "
+                "Fill them with an explicit value (e.g. 'unknown') or drop those texts; a missing label is "
+                "never stored as the text 'None'."
+            )
+        arr = np.asarray(raw.tolist()) if raw.ndim == 1 and raw.size else raw
+        if arr.dtype.kind == "O":
+            arr = arr.astype(str)
+        return arr
+    return raw
+
+
+def _per_doc(arr: np.ndarray, doc_ids: np.ndarray) -> np.ndarray | None:
+    """``arr[d]`` for document id ``d`` when the ids index ``arr``, else by order of the distinct ids; None if neither."""
+    if not len(doc_ids):
+        return arr[:0]
+    docs, inverse = np.unique(doc_ids, return_inverse=True)
+    if docs[0] >= 0 and docs[-1] < len(arr):
+        return arr[doc_ids]
+    if len(arr) == len(docs):
+        return arr[inverse]
+    return None
+
+
+def expand_label(name: str, values: Any, doc_ids: np.ndarray, per: LabelPer | None = None) -> np.ndarray:
+    """One value per token ``[tokens]`` from one value per token (``per="token"``) or per document (``"doc"``).
+
+    Per-document values are indexed by document id (``values[doc_id]``), or, when the ids are not indices into
+    ``values``, taken in order of the distinct ids. Without ``per`` the count decides; a count that fits both
+    readings with different results is refused: say ``per="token"`` or ``per="doc"``.
+    """
+    doc_ids = np.asarray(doc_ids)
+    arr = _label_array(name, values)
+    n = len(doc_ids)
+    if arr.ndim != 1:
+        raise TraceError(f"label {name!r} must be one value per token or per document, got shape {arr.shape}.")
+    n_docs = len(np.unique(doc_ids))
+    if per not in (None, "token", "doc"):
+        raise TraceError(f"per must be 'token' or 'doc', got {per!r}.")
+    as_doc = _per_doc(arr, doc_ids) if per in (None, "doc") else None
+    if per == "token" or (per is None and len(arr) == n and (as_doc is None or np.array_equal(as_doc, arr))):
+        if len(arr) != n:
+            raise TraceError(f"label {name!r} must be one value per token ([{n}]), got {len(arr)} (per='token').")
+        return arr
+    if per is None and len(arr) == n:
+        raise TraceError(
+            f"label {name!r} has {len(arr)} values: that fits one per token and one per document, which give "
+            "different labels; say which with per='token' or per='doc'."
+        )
+    if as_doc is None:
+        raise TraceError(
+            f"label {name!r} has {len(arr)} values; give one per document ({n_docs} documents, ids "
+            f"{'0..' + str(int(doc_ids.max())) if n else 'none'}) or one per token ({n})."
+        )
+    return as_doc
 
 
 @dataclass(eq=False)
@@ -40,7 +142,7 @@ class RoutingTrace:
     """Routing decisions of one model over a set of tokens.
 
     Attributes:
-        expert_ids: int16 ``[tokens, layers, k]``; ``-1`` marks an empty slot.
+        expert_ids: int16 ``[tokens, layers, k]`` (int32 beyond 32,767 experts); ``-1`` marks an empty slot.
         weights: float32 ``[tokens, layers, k]``, the weights the model multiplied each expert's output with.
         router_logits: float16 ``[tokens, layers, experts]`` or None (capture with ``logits=True``).
         token_ids: int32 ``[tokens]``.
@@ -67,7 +169,10 @@ class RoutingTrace:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.expert_ids = _as_array("expert_ids", self.expert_ids, np.int16, 3)
+        self.num_experts = int(self.num_experts)
+        if self.num_experts <= 0:
+            raise TraceError(f"num_experts must be positive, got {self.num_experts}.")
+        self.expert_ids = _as_expert_ids(self.expert_ids, self.num_experts)
         self.weights = _as_array("weights", self.weights, np.float32, 3)
         n, n_layers, _k = self.expert_ids.shape
         if self.weights.shape != self.expert_ids.shape:
@@ -76,6 +181,8 @@ class RoutingTrace:
                 "both are [tokens, layers, k]."
             )
         self.layers = tuple(int(x) for x in self.layers)
+        if any(x < 0 for x in self.layers):
+            raise TraceError(f"layers must be decoder-layer indices >= 0, got {list(self.layers)}.")
         if len(self.layers) != n_layers:
             raise TraceError(
                 f"layers names {len(self.layers)} MoE layers but the arrays hold {n_layers} "
@@ -83,16 +190,6 @@ class RoutingTrace:
             )
         if len(set(self.layers)) != len(self.layers):
             raise TraceError(f"layers must be distinct decoder-layer indices, got {self.layers}.")
-        self.num_experts = int(self.num_experts)
-        if self.num_experts <= 0:
-            raise TraceError(f"num_experts must be positive, got {self.num_experts}.")
-        if n and self.expert_ids.size:
-            lo, hi = int(self.expert_ids.min()), int(self.expert_ids.max())
-            if lo < NO_EXPERT or hi >= self.num_experts:
-                raise TraceError(
-                    f"expert_ids range [{lo}, {hi}] is outside [-1, num_experts={self.num_experts}); "
-                    "pass the model's num_experts (ids >= num_experts are not routed experts)."
-                )
         self.token_ids = _as_array("token_ids", self.token_ids, np.int32, 1)
         self.positions = _as_array("positions", self.positions, np.int32, 1)
         self.doc_ids = _as_array("doc_ids", self.doc_ids, np.int64, 1)
@@ -101,11 +198,9 @@ class RoutingTrace:
                 raise TraceError(f"{name} has {len(getattr(self, name))} entries, expected one per token ({n}).")
         labels = {}
         for key, value in (self.labels or {}).items():
-            arr = np.asarray(value)
+            arr = _label_array(str(key), value)
             if arr.ndim != 1 or len(arr) != n:
                 raise TraceError(f"label {key!r} must be one value per token ([{n}]), got shape {arr.shape}.")
-            if arr.dtype.kind == "O":
-                arr = arr.astype(str)
             labels[str(key)] = arr
         self.labels = labels
         if self.router_logits is not None:
@@ -131,14 +226,17 @@ class RoutingTrace:
         router_logits: Any | None = None,
         model_name: str = "",
         meta: Mapping[str, Any] | None = None,
+        per: LabelPer = "token",
     ) -> RoutingTrace:
         """Build a trace from plain arrays (tests, imports from other tools).
 
         ``expert_ids`` is ``[tokens, layers, k]``. Missing ``weights`` (an engine that reports ids only) become
         NaN and ``meta["has_weights"]`` is False, so weight-based metrics can refuse clearly. Missing
         ``doc_ids`` put every token in document 0; missing ``positions`` count tokens within each document.
+        ``labels`` hold one value per token (``per="token"``, the default) or per document (``per="doc"``, in
+        order of document id).
         """
-        ids = _as_array("expert_ids", expert_ids, np.int16, 3)
+        ids = _as_expert_ids(expert_ids, int(num_experts))
         n, n_layers, _ = ids.shape
         meta = dict(meta or {})
         if weights is None:
@@ -151,6 +249,7 @@ class RoutingTrace:
         if positions is None:
             positions = _positions_within_docs(docs)
         toks = np.full(n, -1, dtype=np.int32) if token_ids is None else token_ids
+        labels = {k: expand_label(k, v, docs, per) for k, v in (labels or {}).items()}
         return cls(
             expert_ids=ids,
             weights=w,
@@ -159,7 +258,7 @@ class RoutingTrace:
             token_ids=toks,
             positions=positions,
             doc_ids=docs,
-            labels=dict(labels or {}),
+            labels=labels,
             router_logits=router_logits,
             model_name=model_name,
             meta=meta,
@@ -301,10 +400,13 @@ class RoutingTrace:
             )
         return self.labels[name]
 
-    def with_labels(self, **labels: Any) -> RoutingTrace:
-        """A copy with extra (or replaced) per-token labels."""
+    def with_labels(self, mapping: Mapping[str, Any] | None = None, /, *, per: LabelPer = "token",
+                    **labels: Any) -> RoutingTrace:
+        """A copy with extra (or replaced) labels: one value per token (``per="token"``, the default) or per
+        document (``per="doc"``, in order of document id). A label named ``per`` goes in ``mapping``."""
         new = dict(self.labels)
-        new.update({k: np.asarray(v) for k, v in labels.items()})
+        for k, v in {**(mapping or {}), **labels}.items():
+            new[k] = expand_label(k, v, self.doc_ids, per)
         return replace(self, labels=new)
 
     def to_frame(self, *, layers: Sequence[int] | None = None):
@@ -351,11 +453,14 @@ class RoutingTrace:
         return xr.Dataset(data, coords=coords, attrs={"model_name": self.model_name, "num_experts": self.num_experts})
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the trace as a trace directory (Parquet shard + JSON manifest). Returns the path."""
+    def save(self, path: str | Path, *, overwrite: bool = False, tokens_per_shard: int | None = None) -> Path:
+        """Write the trace as a trace directory (Parquet shards + JSON manifest). Returns the path.
+
+        ``tokens_per_shard`` splits it into shards of about that many tokens (documents never span shards).
+        """
         from .store import write_trace
 
-        return write_trace(self, path, overwrite=overwrite)
+        return write_trace(self, path, overwrite=overwrite, tokens_per_shard=tokens_per_shard)
 
     @classmethod
     def load(cls, path: str | Path, *, layers: Sequence[int] | None = None) -> RoutingTrace:
