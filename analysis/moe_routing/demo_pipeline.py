@@ -6,11 +6,15 @@ train and held-out splits and on UDHR prose (held out, another domain). With a r
 reachable, otherwise on the offline demo corpus.
 
 Notebooks call ``demo_runs`` themselves, so they run on their own too; everything is cached: a complete trace
-directory is never redone.
+directory is never redone. A trace directory's name carries every option that shapes it (``langs``,
+``max_per_lang``, ``max_tokens``, ``batch_size``, ``dtype``): the defaults give ``<variant>-<part>``, other values
+``<variant>-<part>-<hash of the options>``, so a call with other options never returns a trace made with these.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import sys
 import time
@@ -25,6 +29,24 @@ LABELS = ["lang", "script", "source", "key", "split"]
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_") or "model"
+
+
+_RUN_DEFAULTS: dict[str, Any] = {"langs": None, "max_per_lang": None, "max_tokens": None, "batch_size": 32,
+                                 "dtype": "auto"}
+
+
+def run_key(**options: Any) -> str:
+    """``""`` for the default options, else ``"-"`` + a short hash of every option that shapes a trace."""
+    opts = {**_RUN_DEFAULTS, **options}
+    unknown = set(opts) - set(_RUN_DEFAULTS)
+    if unknown:
+        raise CorpusError(f"unknown run options {sorted(unknown)}; known: {sorted(_RUN_DEFAULTS)}.")
+    if opts == _RUN_DEFAULTS:
+        return ""
+    opts["langs"] = None if opts["langs"] is None else list(opts["langs"])
+    opts["dtype"] = str(opts["dtype"]).removeprefix("torch.")
+    blob = json.dumps(opts, sort_keys=True, default=str).encode()
+    return "-" + hashlib.sha256(blob).hexdigest()[:10]
 
 
 def model_variants(model: str) -> dict[str, str]:
@@ -59,20 +81,25 @@ def demo_runs(
     """Capture every (variant, part) pair that is not on disk yet; return ``{"trained/heldout": path, ...}``.
 
     A real model's parts default to ``("flores",)`` when FLORES-200 is reachable, else ``("heldout", "udhr")``.
+    Each directory is keyed by the options that shape it (see the module docstring) and by the model's weight
+    files: a retrained model is captured again.
     """
-    from .models import load_model, resolve_model_path, weights_id
+    from .identity import files_id
+    from .models import load_model, resolve_model_path
     from .pipeline import capture_corpus
 
     runs = Path(runs)
     variants = model_variants(model)
     if parts is None:
         parts = DEMO_PARTS if "trained" in variants else _real_model_parts(langs)
+    key = run_key(langs=langs, max_per_lang=max_per_lang, max_tokens=max_tokens, batch_size=batch_size,
+                  dtype=dtype)
     out: dict[str, Path] = {}
     for variant, name in variants.items():
-        todo = {p: runs / _slug(model) / f"{variant}-{p}" for p in parts}
+        todo = {p: runs / _slug(model) / f"{variant}-{p}{key}" for p in parts}
         out.update({f"{variant}/{p}": d for p, d in todo.items()})
         path = resolve_model_path(name)
-        wid = weights_id(path) if Path(path).is_dir() else None
+        wid = files_id(path)
         if all(_complete(d, wid) for d in todo.values()):
             continue
         loaded, tok = load_model(name, dtype=dtype, device_map=device_map)
@@ -81,8 +108,8 @@ def demo_runs(
                 continue
             stale = (directory / "manifest.json").exists() and _weights_of(directory) != wid
             if stale:
-                print(f"[moe-routing] {directory} was captured from other weights; capturing again",
-                      file=sys.stderr)
+                print(f"[moe-routing] {directory} was captured from other weights (or by an older moe-routing); "
+                      "capturing again", file=sys.stderr)
             corpus = load_part(part, langs=langs, max_per_lang=max_per_lang)
             print(f"[moe-routing] {variant} model on {part}: {len(corpus)} texts", file=sys.stderr, flush=True)
             capture_corpus(loaded, tok, corpus, directory, batch_size=batch_size, max_tokens=max_tokens,
@@ -93,23 +120,24 @@ def demo_runs(
 
 
 def _weights_of(directory: Path) -> str | None:
-    import json
-
+    """The weight-files id of the model a trace directory was captured from (None when not recorded)."""
     try:
-        return json.loads((directory / "manifest.json").read_text()).get("weights_id")
+        model = json.loads((directory / "manifest.json").read_text()).get("model")
     except (OSError, ValueError):
         return None
+    return model.get("files_id") if isinstance(model, dict) else None
 
 
 def _complete(directory: Path, weights: str | None = None) -> bool:
-    """A finished trace directory, captured from these weights (when ``weights`` is known)."""
-    import json
+    """A finished trace directory with all its shards, captured from these weight files (when known)."""
+    from .errors import TraceError
+    from .store import TraceReader
 
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
+        reader = TraceReader(directory)
+    except TraceError:
         return False
-    return bool(manifest.get("complete")) and (weights is None or manifest.get("weights_id") == weights)
+    return reader.complete and (weights is None or _weights_of(directory) == weights)
 
 
 def _real_model_parts(langs: list[str] | None) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UnsupportedModelError
+from .errors import SettingError, UnsupportedModelError
 
 DEMO_NAMES = {"demo": "trained", "demo-trained": "trained", "demo-untrained": "untrained"}
 
@@ -21,7 +21,7 @@ def _parse_dtype(dtype: Any):
     except AttributeError:
         value = None
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32.")
+        raise SettingError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32.")
     return value
 
 
@@ -36,16 +36,11 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
 
 
 def weights_id(path: str | os.PathLike) -> str:
-    """A cheap identity of a model's weights: names, sizes and mtimes of a local directory's weight files,
-    or the hub commit hash. Traces record it so that a retrained model never reuses stale traces."""
-    import hashlib
+    """Deprecated: use ``moe_routing.identity.files_id`` (traces now record ``identity.weights_digest``, taken
+    from the weights themselves). Names, sizes and mtimes of a local directory's weight files, else ``path``."""
+    from .identity import files_id
 
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
-        blob = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return str(path)
+    return files_id(path) or str(path)
 
 
 def load_model(
@@ -94,7 +89,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if eval_mode:
         model.eval()
-    model.config.name_or_path = str(name_or_path)
-    commit = getattr(model.config, "_commit_hash", None)
-    model.moe_routing_weights_id = weights_id(path) if Path(path).is_dir() or not commit else f"{path}@{commit}"
+    from .identity import remember_source
+
+    remember_source(model, name=str(name_or_path), path=path, revision=revision)
     return model, tokenizer

@@ -5,6 +5,10 @@ with a notice) -> batches of ``batch_size`` chunks -> shards of ``batches_per_sh
 pure function of the corpus and the settings, so an interrupted run re-run with the same command skips the
 shards that exist (each is written atomically) and a ``torchrun`` job splits shards between ranks
 (``i % world_size == rank``) and produces the same files as one process.
+
+The finished manifest lists every shard with its token count and input hash; re-running the same command on a
+directory that lost shards rewrites exactly those. One run writes a directory at a time (a lock, held by rank 0);
+a resume is refused, naming each setting or model fact that differs, when the trace was made otherwise.
 """
 
 from __future__ import annotations
@@ -25,20 +29,27 @@ import pyarrow.parquet as pq
 import torch
 
 from .capture import capture
-from .errors import CorpusError, TraceError
+from .errors import CorpusError, ForeignShardError, SettingError, TraceError
+from .identity import IDENTITY_FIELDS, model_identity
 from .store import (
+    FINGERPRINT_KEY,
+    INPUT_KEY,
     MANIFEST,
     SHARD_DIR,
+    DirectoryLock,
     TraceReader,
     config_hash,
     manifest_for,
+    remove_stale_temporaries,
     shard_name,
+    shard_record,
     trace_to_table,
+    with_shard_metadata,
     write_json_atomic,
     write_shard,
 )
 
-_INPUT_KEY = b"moe_routing.input_sha256"
+_INPUT_KEY = INPUT_KEY  # kept for older imports
 
 
 @dataclass
@@ -102,15 +113,35 @@ def _plan_chunks(records: Iterable[tuple[str, dict[str, Any]]], tokenizer: Any, 
         pieces = [ids[s : s + max_length] for s in range(0, len(ids), max_length)]
         if len(pieces) > 1:
             stats["chunked"] += 1
+        values = {n: lab.get(n) for n in label_names}
+        missing = [n for n, v in values.items() if _is_missing(v)]
+        if missing:
+            raise CorpusError(
+                f"text {i} has no value for label(s) {missing} (None / NaN). Fill the missing values (e.g. "
+                "df[col].fillna('unknown')) or drop those rows; a missing label is never stored as 'None'."
+            )
         for c, piece in enumerate(pieces):
             if max_tokens is not None:
                 piece = piece[: max_tokens - total]
                 if not piece:
                     return
             total += len(piece)
-            yield _Chunk(i, c, piece, {n: lab.get(n) for n in label_names})
+            yield _Chunk(i, c, piece, values)
         if max_tokens is not None and total >= max_tokens:
             return
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    try:
+        import pandas as pd
+
+        return value is pd.NA or value is pd.NaT
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def _batched(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -163,20 +194,60 @@ def _human(n: float) -> str:
 
 
 def _model_facts(model: Any) -> dict[str, Any]:
+    """What the manifest says about the model (``model``: ``identity.model_identity``) and the versions."""
     import transformers
 
     from . import __version__
 
-    cfg = model.config
+    ident = model_identity(model)
     return {
-        "model_name": str(getattr(cfg, "name_or_path", "") or "") or type(model).__name__,
-        "model_type": getattr(cfg, "model_type", ""),
-        "revision": getattr(cfg, "_commit_hash", None),
-        "config_hash": config_hash(cfg.to_dict()),
-        "weights_id": getattr(model, "moe_routing_weights_id", None),
+        "model_name": ident["name"],
+        "model_type": ident["model_type"],
+        "revision": ident["revision"],
+        "config_hash": ident["config_hash"],
+        "weights_id": ident["weights_digest"],
+        "model": ident,
         "versions": {"moe_routing": __version__, "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }
+
+
+def run_fingerprint(settings: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
+    """The hash a trace directory is resumed by: the settings and the model facts in ``IDENTITY_FIELDS``."""
+    return config_hash({"settings": dict(settings), "model": {k: identity.get(k) for k in IDENTITY_FIELDS}})
+
+
+_FIELD_NAMES = {"weights_digest": "model weights", "config_hash": "model config", "dtype": "dtype"}
+
+
+def _differences(old: Mapping[str, Any], settings: Mapping[str, Any], identity: Mapping[str, Any]) -> list[str]:
+    """Each setting or model fact that differs between a trace's manifest and this run, as readable text."""
+    diffs = []
+    old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+    for key in sorted(set(settings) | set(old_settings)):
+        if old_settings.get(key) != settings.get(key):
+            diffs.append(f"{key}: {old_settings.get(key)!r} in the trace, {settings.get(key)!r} now")
+    old_model = old.get("model") if isinstance(old.get("model"), dict) else None
+    if old_model is None:
+        diffs.append("model: the trace was written by an older moe-routing that did not record the model's "
+                     "weights digest")
+        return diffs
+    for key in IDENTITY_FIELDS:
+        if old_model.get(key) != identity.get(key):
+            diffs.append(f"{_FIELD_NAMES[key]} ({key}): {old_model.get(key)!r} in the trace, "
+                         f"{identity.get(key)!r} now")
+    if any(d.startswith(("model ", "dtype")) for d in diffs) and old_model.get("name") != identity.get("name"):
+        diffs.append(f"model: {old_model.get('name')!r} in the trace, {identity.get('name')!r} now")
+    return diffs
+
+
+def _check_settings(batch_size: Any, max_tokens: Any, max_length: Any, batches_per_shard: Any) -> None:
+    for name, value, none_ok in (("batch_size", batch_size, False), ("max_tokens", max_tokens, True),
+                                 ("max_length", max_length, True), ("batches_per_shard", batches_per_shard, False)):
+        if value is None and none_ok:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise SettingError(f"{name} must be a positive integer{' or None' if none_ok else ''}, got {value!r}.")
 
 
 def capture_corpus(
@@ -205,16 +276,18 @@ def capture_corpus(
         max_length: tokens per chunk; longer texts are split into chunks (default: the model's
             ``max_position_embeddings``, capped at 2048).
         batches_per_shard: batches written per Parquet shard (memory holds one shard at a time).
-        overwrite: replace a trace already in ``out_dir`` (otherwise a complete one is returned as is and an
-            interrupted one is resumed).
+        overwrite: replace a trace already in ``out_dir`` (otherwise a complete one is returned as is, one that
+            lost shards gets exactly those rewritten, and an interrupted one is resumed).
 
     Every token row carries ``text_index`` (the input's position in the corpus) and ``chunk`` labels besides
-    the corpus labels and ``phase``. Returns a ``TraceReader`` over ``out_dir``.
+    the corpus labels and ``phase``; corpus labels are one value per text, and a missing one (None / NaN) is
+    refused. A directory another run is writing is refused (``TraceLockedError``), and so is resuming a trace
+    made with other settings or another model (the error names each field that differs).
+    Returns a ``TraceReader`` over ``out_dir``.
     """
     out = Path(out_dir)
     rank, world = _dist()
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1.")
+    _check_settings(batch_size, max_tokens, max_length, batches_per_shard)
     cfg_max = int(getattr(model.config.get_text_config(), "max_position_embeddings", 2048) or 2048)
     max_length = int(max_length or min(cfg_max, 2048))
     records, label_names, length = _iter_records(texts_or_dataset, labels, text_column)
@@ -225,22 +298,50 @@ def capture_corpus(
         "padding_side": getattr(tokenizer, "padding_side", "right"),
     }
     facts = _model_facts(model)
-    fingerprint = config_hash({"settings": settings, "config_hash": facts["config_hash"],
-                               "weights_id": facts["weights_id"]})
+    fingerprint = run_fingerprint(settings, facts["model"])
+    lock = DirectoryLock(out) if rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _capture_locked(model, tokenizer, out, records, label_names, length, settings, facts, fingerprint,
+                               rank=rank, world=world, batch_size=batch_size, max_tokens=max_tokens,
+                               max_length=max_length, logits=logits, batches_per_shard=batches_per_shard,
+                               overwrite=overwrite, progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _capture_locked(model: Any, tokenizer: Any, out: Path, records: Iterator[tuple[str, dict[str, Any]]],
+                    label_names: list[str], length: int | None, settings: dict[str, Any], facts: dict[str, Any],
+                    fingerprint: str, *, rank: int, world: int, batch_size: int, max_tokens: int | None,
+                    max_length: int, logits: bool, batches_per_shard: int, overwrite: bool,
+                    progress: bool) -> TraceReader:
+    """capture_corpus once the directory is ours (rank 0 holds its lock)."""
     mpath = out / MANIFEST
     if mpath.exists() and not overwrite:
-        old = json.loads(mpath.read_text())
+        try:
+            old = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise TraceError(f"{mpath} is unreadable ({exc}); pass overwrite=True (--overwrite) to start "
+                             "again, or choose another output directory.") from exc
         if old.get("fingerprint") != fingerprint:
+            diffs = _differences(old, settings, facts["model"]) or [
+                f"fingerprint {old.get('fingerprint')} in the trace, {fingerprint} now"]
             raise TraceError(
-                f"{out} holds a trace made with other settings or another model (fingerprint "
-                f"{old.get('fingerprint')} vs {fingerprint}); pass overwrite=True (--overwrite) to replace it, "
-                "or choose another output directory."
+                f"{out} holds a trace made with other settings or another model: " + "; ".join(diffs)
+                + ". Pass overwrite=True (--overwrite) to replace it, or choose another output directory."
             )
         if old.get("complete"):
-            print(f"[moe-routing] {out} is already complete ({old.get('tokens')} tokens); nothing to do "
-                  "(overwrite=True to redo).", file=sys.stderr)
-            return TraceReader(out)
+            reader = TraceReader(out)
+            missing = reader.missing_shards
+            if not missing:
+                print(f"[moe-routing] {out} is already complete ({old.get('tokens')} tokens); nothing to do "
+                      "(overwrite=True to redo).", file=sys.stderr)
+                return reader
+            if rank == 0:
+                print(f"[moe-routing] {out} lacks {len(missing)} of its shards ({', '.join(missing[:5])}"
+                      f"{', ...' if len(missing) > 5 else ''}); rewriting exactly those.", file=sys.stderr)
     if rank == 0:
         if overwrite and (out / SHARD_DIR).exists():
             for p in (out / SHARD_DIR).glob("part-*.parquet"):
@@ -248,8 +349,8 @@ def capture_corpus(
             for p in (out / "ranks").glob("rank-*.json") if (out / "ranks").exists() else []:
                 p.unlink()
         (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        for stale in (out / SHARD_DIR).glob(".part-*.tmp-*"):  # left by a run killed mid-write
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(out / SHARD_DIR)  # left by a run killed mid-write; live writers' files stay
+        remove_stale_temporaries(out)
     _barrier()
 
     stats = {"empty": 0, "chunked": 0}
@@ -261,6 +362,7 @@ def capture_corpus(
     total_tokens = max_tokens
     if length is not None and max_tokens is None and length <= 200_000:
         total_tokens = None  # counted lazily by the bar below
+    planned: dict[str, dict[str, Any]] = {}
     with capture(model, logits=logits) as rec:
         n_layers, k = len(rec.layers), rec.top_k or 1
         per_tok = n_layers * k * 6 + 24 + (n_layers * rec.num_experts * 2 if logits else 0)
@@ -283,13 +385,14 @@ def capture_corpus(
                 n_docs = sum(len(b) for b in shard)
                 n_tok = sum(len(c.ids) for b in shard for c in b)
                 first_doc, doc = doc, doc + n_docs
+                digest = _inputs_hash(shard)
+                planned[shard_name(s)] = shard_record(n_tok, digest)
                 if s % world != rank:
                     bar.update(n_tok)
                     continue
                 path = out / SHARD_DIR / shard_name(s)
-                digest = _inputs_hash(shard)
                 if path.exists():
-                    _check_existing(path, digest)
+                    _check_existing(path, digest, fingerprint)
                     skipped += 1
                     bar.update(n_tok)
                     continue
@@ -307,15 +410,14 @@ def capture_corpus(
                 trace = rec.trace(clear=True)
                 local = trace.doc_ids - first_doc
                 trace = trace.with_labels(**{n: np.asarray(v)[local] for n, v in per_doc.items()})
-                table = trace_to_table(trace)
-                table = table.replace_schema_metadata({**(table.schema.metadata or {}), _INPUT_KEY: digest.encode()})
+                table = with_shard_metadata(trace_to_table(trace), digest, fingerprint)
                 write_shard(table, path)
                 written += 1
                 tokens_here += trace.num_tokens
         finally:
             bar.close()
     if stats["empty"]:
-        warnings.warn(f"{stats['empty']} empty texts were skipped.", stacklevel=2)
+        warnings.warn(f"{stats['empty']} empty texts were skipped.", stacklevel=3)
     if stats["chunked"]:
         print(f"[moe-routing] {stats['chunked']} texts were longer than max_length={max_length} tokens and were "
               "split into chunks (label 'chunk'); nothing was truncated.", file=sys.stderr)
@@ -325,12 +427,13 @@ def capture_corpus(
                        "tokens_written": tokens_here})
     _barrier()
     if rank == 0:
-        reader = TraceReader(out)
-        if not reader.shards():
+        if not planned:
             raise CorpusError("the corpus produced no tokens (empty corpus, or every text was empty).")
+        top_k = _verify_shards(out, planned, fingerprint)
         manifest = json.loads(mpath.read_text())
         manifest.update(
-            complete=True, num_shards=len(reader.shards()), tokens=reader.num_tokens,
+            complete=True, num_shards=len(planned), shards=planned,
+            tokens=sum(r["tokens"] for r in planned.values()), top_k=max(top_k, int(manifest["top_k"])),
             ranks=[json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank-*.json"))],
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
@@ -339,15 +442,50 @@ def capture_corpus(
     return TraceReader(out)
 
 
-def _check_existing(path: Path, digest: str) -> None:
+def _verify_shards(out: Path, planned: Mapping[str, Mapping[str, Any]], fingerprint: str) -> int:
+    """Every planned shard is on disk with its planned tokens, input hash and this run's fingerprint, and no
+    other shard is; returns the widest k among them (the recorder may widen k after the manifest was begun)."""
+    present = {p.name for p in (out / SHARD_DIR).glob("part-*.parquet")}
+    missing = sorted(set(planned) - present)
+    if missing:
+        raise TraceError(f"{out}: shards {missing[:10]} were not written (did another rank fail?); the trace is "
+                         "not marked complete. Re-run the same command to write them.")
+    extra = sorted(present - set(planned))
+    if extra:
+        raise ForeignShardError(f"{out}: shards {extra[:10]} are not part of this capture (left by a run with more "
+                                "shards, or copied in); move them out of the directory and re-run.")
+    width = 1
+    for name, record in planned.items():
+        path = out / SHARD_DIR / name
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.metadata or {}
+        if (meta.get(INPUT_KEY, b"").decode() != record["input_sha256"]
+                or meta.get(FINGERPRINT_KEY, b"").decode() != fingerprint):
+            raise ForeignShardError(f"shard {path} was not written by this capture; delete it and re-run.")
+        if pf.metadata.num_rows != record["tokens"]:
+            raise TraceError(
+                f"shard {path} holds {pf.metadata.num_rows} tokens but its batches planned {record['tokens']}: "
+                "some forward passes were not recorded (a compiled model?); the trace is not marked complete."
+            )
+        width = max(width, pf.schema_arrow.field("expert_ids").type.value_type.list_size)
+    return width
+
+
+def _check_existing(path: Path, digest: str, fingerprint: str) -> None:
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception as exc:
         raise TraceError(f"shard {path} is unreadable ({exc}); delete it and re-run to rewrite it.") from exc
-    if meta.get(_INPUT_KEY, b"").decode() != digest:
+    if meta.get(INPUT_KEY, b"").decode() != digest:
         raise TraceError(
             f"shard {path} was captured from different input than this corpus gives for it now (the corpus or "
-            "tokenizer changed); pass overwrite=True (--overwrite) or use a new output directory."
+            "tokenizer changed, or the shard was copied from another run); delete that shard and re-run to "
+            "rewrite it, or pass overwrite=True (--overwrite), or use a new output directory."
+        )
+    if meta.get(FINGERPRINT_KEY, b"").decode() != fingerprint:
+        raise ForeignShardError(
+            f"shard {path} has this corpus's input but was written by a run with another model or settings "
+            "(copied from another trace?); delete it and re-run the same command to rewrite it."
         )
 
 
