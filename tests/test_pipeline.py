@@ -112,13 +112,125 @@ def test_empty_corpus(qwen3_moe, tokenizer, tmp_path):
 
 def test_other_weights_are_not_mistaken_for_the_same_trace(tokenizer, tmp_path):
     from conftest import make_qwen3_moe
-    from moe_routing.models import weights_id
 
-    a, b = make_qwen3_moe(seed=0), make_qwen3_moe(seed=1)  # same config, other weights
-    a.save_pretrained(tmp_path / "a")
-    b.save_pretrained(tmp_path / "b")
-    a.moe_routing_weights_id, b.moe_routing_weights_id = weights_id(tmp_path / "a"), weights_id(tmp_path / "b")
-    assert a.moe_routing_weights_id != b.moe_routing_weights_id
+    a, b = make_qwen3_moe(seed=0), make_qwen3_moe(seed=1)  # from_config, same config, other seeds
     run(a, tokenizer, tmp_path / "t")
-    with pytest.raises(TraceError, match="another model"):
+    with pytest.raises(TraceError, match=r"another model: model weights \(weights_digest\)"):
         run(b, tokenizer, tmp_path / "t")
+
+
+def test_weights_changed_in_memory_are_another_model(tokenizer, tmp_path):
+    from conftest import make_qwen3_moe
+
+    m = make_qwen3_moe(seed=0)
+    run(m, tokenizer, tmp_path / "t")
+    with torch.no_grad():  # a fine-tuning step / merged LoRA on an expert matrix (not a router)
+        m.model.layers[0].mlp.experts.down_proj.add_(0.01)
+    with pytest.raises(TraceError, match="weights_digest"):
+        run(m, tokenizer, tmp_path / "t")
+    with torch.no_grad():
+        m.model.layers[2].mlp.gate.weight[3, 5] += 1e-3  # one router element
+    with pytest.raises(TraceError, match="weights_digest"):
+        run(m, tokenizer, tmp_path / "t", overwrite=False)
+
+
+def test_same_model_under_another_path_spelling_resumes(tokenizer, tmp_path, monkeypatch, capsys):
+    from conftest import make_qwen3_moe
+
+    make_qwen3_moe(seed=0).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    a, tok = mr.load_model("m/")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained("m/")
+    assert set(vars(a)) == set(vars(plain))  # load_model attaches nothing to the model object
+    assert a.config.to_dict() == plain.config.to_dict()  # and leaves its config as transformers made it
+    config_before = a.config.to_dict()
+    run(a, tok, tmp_path / "t")
+    assert a.config.to_dict() == config_before  # capture_corpus does not rewrite it either
+    b, _ = mr.load_model("./m")
+    run(b, tok, tmp_path / "t")
+    assert "already complete" in capsys.readouterr().err
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["model"]["name"] == "m"
+
+
+def test_resume_refusal_names_the_setting_that_differs(qwen3_moe, tokenizer, tmp_path):
+    import copy
+
+    run(qwen3_moe, tokenizer, tmp_path, max_tokens=120)
+    with pytest.raises(TraceError, match="batch_size: 4 in the trace, 2 now") as e:
+        run(qwen3_moe, tokenizer, tmp_path, max_tokens=120, batch_size=2)
+    assert "max_tokens" not in str(e.value)
+    with pytest.raises(TraceError, match="max_tokens: 120 in the trace, 100 now"):
+        run(qwen3_moe, tokenizer, tmp_path, max_tokens=100)
+    wide = copy.deepcopy(qwen3_moe).to(torch.float64)
+    with pytest.raises(TraceError, match="dtype \\(dtype\\): 'float32' in the trace, 'float64' now"):
+        run(wide, tokenizer, tmp_path, max_tokens=120)
+
+
+def test_deleted_shard_is_repaired_exactly(qwen3_moe, tokenizer, tmp_path, capsys):
+    from moe_routing.errors import MissingShardError
+
+    full = run(qwen3_moe, tokenizer, tmp_path).read()
+    ref = _digest(tmp_path)
+    victim = sorted(ref)[2]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").iterdir()}
+    (tmp_path / "shards" / victim).unlink()
+    reader = mr.open_trace(tmp_path)
+    assert not reader.complete
+    with pytest.raises(MissingShardError, match=victim):
+        reader.read()
+    capsys.readouterr()
+    repaired = run(qwen3_moe, tokenizer, tmp_path)
+    assert "rewriting exactly those" in capsys.readouterr().err
+    assert repaired.complete and _digest(tmp_path) == ref
+    now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").iterdir()}
+    assert [n for n in now if now[n] != mtimes[n]] == [victim]  # only the missing shard was written
+    assert repaired.read().equals(full)
+    ranks = json.loads((tmp_path / "manifest.json").read_text())["ranks"]
+    assert ranks[0]["shards_written"] == 1 and ranks[0]["shards_skipped"] == len(ref) - 1
+
+
+def test_shard_from_another_model_is_refused_on_read_and_on_rerun(tokenizer, tmp_path):
+    from conftest import make_qwen3_moe
+    from moe_routing.errors import ForeignShardError
+
+    a, b = make_qwen3_moe(seed=0), make_qwen3_moe(seed=1)
+    run(a, tokenizer, tmp_path / "a")
+    run(b, tokenizer, tmp_path / "b")  # same corpus and settings: the same input hashes
+    name = "part-000001.parquet"
+    (tmp_path / "a" / "shards" / name).write_bytes((tmp_path / "b" / "shards" / name).read_bytes())
+    with pytest.raises(ForeignShardError, match=name):
+        mr.open_trace(tmp_path / "a").read()
+    with pytest.raises(ForeignShardError, match=name):  # not "already complete"
+        run(a, tokenizer, tmp_path / "a")
+    (tmp_path / "a" / "shards" / name).unlink()
+    assert run(a, tokenizer, tmp_path / "a").read().num_tokens == mr.open_trace(tmp_path / "b").num_tokens
+
+
+def test_manifest_top_k_follows_what_the_router_gave(tokenizer, tmp_path):
+    from conftest import make_qwen3_moe
+
+    m = make_qwen3_moe(top_k=2)
+    m.config.num_experts_per_tok = 1  # the config understates k; the routers keep routing to 2 experts
+    reader = run(m, tokenizer, tmp_path, max_tokens=80)
+    assert reader.top_k == 2
+    t = reader.read()
+    assert t.top_k == 2 and (t.expert_ids >= 0).all()
+
+
+def test_missing_label_values_are_refused_before_any_work(qwen3_moe, tokenizer, tmp_path):
+    df = pd.DataFrame({"text": TEXTS[:4], "lang": ["en", "de", None, "fr"]})
+    with pytest.raises(CorpusError, match=r"text 2 has no value for label\(s\) \['lang'\]"):
+        run(qwen3_moe, tokenizer, tmp_path, df)
+    assert not list((tmp_path / "shards").glob("part-*"))
+
+
+@pytest.mark.parametrize("kw", [{"batch_size": 0}, {"max_tokens": 0}, {"max_length": -5},
+                                {"batches_per_shard": 0}, {"batch_size": 2.5}])
+def test_bad_settings_are_project_errors(qwen3_moe, tokenizer, tmp_path, kw):
+    from moe_routing.errors import SettingError
+
+    with pytest.raises(SettingError, match=next(iter(kw))):
+        run(qwen3_moe, tokenizer, tmp_path, **kw)

@@ -72,3 +72,50 @@ def test_full_disk_stops_with_a_clear_message_and_keeps_completed_shards(small_d
     assert not reader.complete and len(reader.shards()) >= 1
     with pytest.warns(UserWarning, match="incomplete"):
         assert reader.read().num_tokens > 0
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
+    out, go = tmp_path / "trace", tmp_path / "go"
+    second = _start(out, 2, go)  # other settings, same directory; waits for `go` once its model is built
+    deadline = time.time() + 300
+    while time.time() < deadline and not Path(f"{go}.ready").exists():
+        time.sleep(0.01)
+    first = _start(out)
+    shards = out / "shards"
+    while time.time() < deadline and first.poll() is None:
+        if shards.is_dir() and len(list(shards.glob("part-*.parquet"))) >= 3:
+            break
+        time.sleep(0.005)
+    assert first.poll() is None, "the first run finished before a second could start"
+    go.write_text("go")
+    assert second.wait(timeout=300) == 3
+    err = second.stderr.read()
+    assert first.poll() is None, "the first run finished before the second was refused: inconclusive"
+    assert "is being written by process" in err and ".moe-routing.lock" in err and "another directory" in err, err
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    reader = TraceReader(out)
+    assert reader.complete and not reader.verify()
+    t = reader.read()
+    keys = set(zip(t.labels["text_index"].tolist(), t.labels["chunk"].tolist(), t.positions.tolist(), strict=True))
+    assert len(keys) == t.num_tokens  # no duplicated rows
+    assert set(t.labels["text_index"].tolist()) == set(range(600))  # every text, once
+    assert reader.manifest["settings"]["batch_size"] == 4
+
+
+def test_a_starting_run_keeps_live_writers_temporaries(qwen3_moe, tokenizer, tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        shards = tmp_path / "shards"
+        shards.mkdir(parents=True)
+        live_tmp = shards / f".part-000000.parquet.tmp-{sleeper.pid}"
+        dead_tmp = shards / f".part-000001.parquet.tmp-{dead.pid}"
+        live_tmp.write_bytes(b"in flight")
+        dead_tmp.write_bytes(b"left by a killed run")
+        mr.capture_corpus(qwen3_moe, tokenizer, ["a short text", "another one"], tmp_path, progress=False)
+        assert live_tmp.read_bytes() == b"in flight"
+        assert not dead_tmp.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

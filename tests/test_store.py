@@ -91,3 +91,103 @@ def test_duckdb_view_scans_out_of_core_and_agrees_with_the_metrics(tmp_path):
         got = load[(load.layer == t.layers[j]) & (load.expert == expert)]["count"].item()
         assert got == n
     assert sum(n for *_, n in rows) == t.expert_ids.size
+
+
+def _two_shard_trace(path, seed=0):
+    t = random_trace(seed=seed)
+    t.save(path, tokens_per_shard=100)
+    assert len(TraceReader(path).shards()) == 2
+    return t
+
+
+def test_deleted_shard_is_named_and_never_read_as_complete(tmp_path):
+    from moe_routing.errors import MissingShardError
+
+    t = _two_shard_trace(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["num_shards"] == 2 and sum(r["tokens"] for r in manifest["shards"].values()) == len(t)
+    (tmp_path / "shards" / "part-000001.parquet").unlink()
+    reader = TraceReader(tmp_path)
+    assert not reader.complete and reader.missing_shards == ["part-000001.parquet"]
+    with pytest.raises(MissingShardError, match="part-000001"):
+        reader.read()
+    with pytest.raises(MissingShardError, match="part-000001"):  # streaming reads too
+        list(reader.iter_traces())
+    with pytest.raises(MissingShardError, match="part-000001"):  # and every metric given the directory
+        mr.metrics.expert_load(tmp_path)
+    with pytest.warns(UserWarning, match="part-000001"):
+        back = TraceReader(tmp_path, skip_corrupt=True).read()
+    assert back.equals(t.select(np.arange(100)))
+
+
+def test_shard_copied_from_another_run_is_refused(tmp_path):
+    from moe_routing.errors import ForeignShardError
+
+    t = _two_shard_trace(tmp_path / "a", seed=0)
+    _two_shard_trace(tmp_path / "b", seed=1)  # same layout, other tokens
+    (tmp_path / "a" / "shards" / "part-000001.parquet").write_bytes(
+        (tmp_path / "b" / "shards" / "part-000001.parquet").read_bytes()
+    )
+    with pytest.raises(ForeignShardError, match="part-000001"):
+        TraceReader(tmp_path / "a").read()
+    assert [type(e) for e in TraceReader(tmp_path / "a").verify()] == [ForeignShardError]
+    with pytest.warns(UserWarning, match="part-000001"):
+        back = TraceReader(tmp_path / "a", skip_corrupt=True).read()
+    assert back.equals(t.select(np.arange(100)))
+    # a shard the manifest does not list at all
+    (tmp_path / "b" / "shards" / "part-000007.parquet").write_bytes(
+        (tmp_path / "a" / "shards" / "part-000000.parquet").read_bytes()
+    )
+    with pytest.raises(ForeignShardError, match=r"part-000007.*not one of the 2 shards"):
+        TraceReader(tmp_path / "b").read()
+
+
+def test_streaming_an_incomplete_directory_warns(tmp_path):
+    _two_shard_trace(tmp_path)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["complete"] = False
+    del m["shards"], m["num_shards"]
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert len(list(TraceReader(tmp_path).iter_traces())) == 2
+    with pytest.warns(UserWarning, match="incomplete"):
+        mr.metrics.expert_load(tmp_path)
+
+
+def test_write_trace_never_deletes_shards_it_was_not_asked_to_replace(tmp_path):
+    stray = tmp_path / "shards" / "part-000000.parquet"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"someone else's data")
+    with pytest.raises(TraceError, match=r"no manifest\.json.*overwrite=True"):
+        random_trace().save(tmp_path)
+    assert stray.read_bytes() == b"someone else's data"
+    random_trace().save(tmp_path, overwrite=True)
+    assert TraceReader(tmp_path).read().equals(random_trace())
+
+
+def test_duckdb_view_name_is_validated_and_quoted(tmp_path):
+    t = random_trace()
+    t.save(tmp_path)
+    with pytest.raises(TraceError, match="not a plain SQL identifier"):
+        TraceReader(tmp_path).duckdb(view="t as select 1; drop table x; --")
+    con = TraceReader(tmp_path).duckdb(view="select")  # a reserved word works once quoted
+    assert con.sql('select count(*) from "select"').fetchall()[0][0] == len(t)
+
+
+def test_more_than_32767_experts_round_trip_as_int32(tmp_path):
+    ids = np.array([[[65535, 69999]], [[0, -1]], [[32768, 12]]])
+    t = mr.RoutingTrace.from_arrays(ids, np.ones((3, 1, 2)), num_experts=70_000)
+    t.save(tmp_path)
+    back = mr.RoutingTrace.load(tmp_path)
+    assert back.expert_ids.dtype == np.int32 and back.expert_ids.tolist() == ids.tolist()
+
+
+def test_a_locked_directory_is_refused_with_the_lock_named(tmp_path):
+    from moe_routing.errors import TraceLockedError
+    from moe_routing.store import DirectoryLock
+
+    with DirectoryLock(tmp_path, purpose="test"):
+        with pytest.raises(TraceLockedError, match=r"process \d+ .*test.*\.moe-routing\.lock.*another directory"):
+            random_trace().save(tmp_path, overwrite=True)
+        assert not (tmp_path / "manifest.json").exists()
+    random_trace().save(tmp_path)  # released: the next writer gets in

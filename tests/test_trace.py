@@ -88,3 +88,53 @@ def test_ids_only_import_has_no_weights():
     t = mr.RoutingTrace.from_arrays(np.zeros((4, 2, 2)), None, num_experts=4)
     assert not t.has_weights and np.isnan(t.weights).all()
     assert t.top1().shape == (4, 2)
+
+
+def test_expert_ids_are_range_checked_before_any_narrowing_cast():
+    # 40000 does not fit int16: it must be reported as itself, not as a wrapped negative id
+    with pytest.raises(TraceError, match=r"\[0, 40000\].*num_experts=8"):
+        mr.RoutingTrace.from_arrays(np.array([[[0, 40000]]]), None, num_experts=8)
+    # more than 32,767 experts: the ids widen to int32 and survive intact (65535 is not -1)
+    ids = np.array([[[65535, 69999]], [[0, 32768]]])
+    t = mr.RoutingTrace.from_arrays(ids, np.ones((2, 1, 2)), num_experts=70_000)
+    assert t.expert_ids.dtype == np.int32
+    assert t.expert_ids.tolist() == ids.tolist()
+    assert mr.RoutingTrace.from_arrays(ids % 8, None, num_experts=8).expert_ids.dtype == np.int16
+
+
+def test_negative_layer_indices_are_refused_at_construction():
+    with pytest.raises(TraceError, match="layers must be decoder-layer indices >= 0"):
+        mr.RoutingTrace.from_arrays(np.zeros((3, 2, 1)), None, layers=[-1, 2], num_experts=4)
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_missing_label_values_are_refused_never_stored_as_text(missing):
+    labels = {"lang": ["de", missing, "en"]}
+    with pytest.raises(TraceError, match=r"label 'lang' has 1 missing values.*index 1"):
+        mr.RoutingTrace.from_arrays(np.zeros((3, 1, 1)), None, num_experts=4, labels=labels)
+    t = mr.RoutingTrace.from_arrays(np.zeros((3, 1, 1)), None, num_experts=4)
+    with pytest.raises(TraceError, match="missing values"):
+        t.with_labels(lang=np.array(["de", missing, "en"], dtype=object))
+
+
+def test_labels_per_document_or_per_token_are_explicit():
+    from moe_routing.trace import expand_label
+
+    # three documents of 2, 1, 3 tokens
+    docs = np.array([0, 0, 1, 2, 2, 2])
+    t = mr.RoutingTrace.from_arrays(np.zeros((6, 1, 1)), None, num_experts=4, doc_ids=docs,
+                                    labels={"lang": ["de", "en", "fr"]}, per="doc")
+    assert t.labels["lang"].tolist() == ["de", "de", "en", "fr", "fr", "fr"]
+    with pytest.raises(TraceError, match="one value per token"):  # the default is per token, strictly
+        mr.RoutingTrace.from_arrays(np.zeros((6, 1, 1)), None, num_experts=4, doc_ids=docs,
+                                    labels={"lang": ["de", "en", "fr"]})
+    assert t.with_labels(src=["a", "b", "c"], per="doc").labels["src"].tolist() == list("aabccc")
+    # two tokens, two documents given in reverse id order: per token and per document disagree
+    rev = np.array([1, 0])
+    with pytest.raises(TraceError, match="per='token' or per='doc'"):
+        expand_label("x", ["a", "b"], rev)
+    assert expand_label("x", ["a", "b"], rev, per="token").tolist() == ["a", "b"]
+    assert expand_label("x", ["a", "b"], rev, per="doc").tolist() == ["b", "a"]
+    # the count decides when only one reading fits
+    assert expand_label("x", ["p", "q", "r"], docs).tolist() == list("ppqrrr")
+    assert expand_label("x", list("abcdef"), docs).tolist() == list("abcdef")

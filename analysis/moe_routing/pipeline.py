@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .capture import capture
-from .errors import CorpusError, ForeignShardError, SettingError, TraceError
+from .errors import CorpusError, ForeignShardError, MissingShardError, SettingError, TraceError
 from .identity import IDENTITY_FIELDS, model_identity
 from .store import (
     FINGERPRINT_KEY,
@@ -335,6 +335,9 @@ def _capture_locked(model: Any, tokenizer: Any, out: Path, records: Iterator[tup
         if old.get("complete"):
             reader = TraceReader(out)
             missing = reader.missing_shards
+            foreign = [e for e in reader.verify() if not isinstance(e, MissingShardError)]
+            if foreign:
+                raise foreign[0]
             if not missing:
                 print(f"[moe-routing] {out} is already complete ({old.get('tokens')} tokens); nothing to do "
                       "(overwrite=True to redo).", file=sys.stderr)

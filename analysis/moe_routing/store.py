@@ -453,7 +453,7 @@ class TraceReader:
         if len(widths) != 1:
             raise CorruptShardError(f"shard {shard}: expert_ids and weights have different widths {sorted(widths)}.")
 
-    def _check_origin(self, table: pa.Table, shard: Path) -> None:
+    def _check_origin(self, meta: Mapping[bytes, bytes] | None, num_rows: int, shard: Path) -> None:
         """The shard is the one the manifest lists: same token count, input hash and run fingerprint."""
         records = self.records
         if records is None:
@@ -466,16 +466,35 @@ class TraceReader:
                 raise ForeignShardError(f"shard {shard} is not one of the {len(records)} shards this trace's "
                                         f"manifest lists: it was copied in from elsewhere. {fix}")
             return
-        meta = table.schema.metadata or {}
+        meta = meta or {}
         got_input = meta.get(INPUT_KEY, b"").decode(errors="replace")
         got_fp = meta.get(FINGERPRINT_KEY, b"").decode(errors="replace")
         want_fp = str(self.manifest.get("fingerprint", ""))
         if got_input != record["input_sha256"] or (want_fp and got_fp and got_fp != want_fp):
             raise ForeignShardError(f"shard {shard} was written by another run (its input hash or fingerprint "
                                     f"differs from what the manifest records for it). {fix}")
-        if table.num_rows != record["tokens"]:
-            raise ForeignShardError(f"shard {shard} holds {table.num_rows} tokens but the manifest records "
+        if num_rows != record["tokens"]:
+            raise ForeignShardError(f"shard {shard} holds {num_rows} tokens but the manifest records "
                                     f"{record['tokens']} for it. {fix}")
+
+    def verify(self) -> list[CorruptShardError]:
+        """Check every shard against the manifest from the Parquet footers alone (no data is read): one error
+        per missing, foreign or unreadable shard; empty when the directory is what its manifest says."""
+        problems: list[CorruptShardError] = []
+        missing = self.missing_shards
+        if missing:
+            problems.append(MissingShardError(f"{self.path}: shards {', '.join(missing)} are listed in the manifest "
+                                              "but missing; re-run the same capture command to rewrite them."))
+        for shard in self.shards():
+            try:
+                pf = pq.ParquetFile(shard)
+                self._check_origin(pf.schema_arrow.metadata, pf.metadata.num_rows, shard)
+            except CorruptShardError as exc:
+                problems.append(exc)
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                problems.append(CorruptShardError(f"shard {shard} is unreadable ({exc}); delete it and re-run the "
+                                                  "same capture command to rewrite it."))
+        return problems
 
     def read_shard(self, shard: Path, *, layers: Sequence[int] | None = None) -> RoutingTrace:
         """One shard as a RoutingTrace; CorruptShardError naming the shard when it cannot be read."""
@@ -487,7 +506,7 @@ class TraceReader:
                 "and re-run the same capture command to rewrite it, or read with skip_corrupt=True."
             ) from exc
         self._check_schema(table, shard)
-        self._check_origin(table, shard)
+        self._check_origin(table.schema.metadata, table.num_rows, shard)
         n_layers = len(self.layers)
         width = table.schema.field("expert_ids").type.value_type.list_size
         try:

@@ -92,24 +92,26 @@ def _label_array(key: str, value: Any) -> np.ndarray:
     return raw
 
 
-def _per_doc(arr: np.ndarray, doc_ids: np.ndarray) -> np.ndarray | None:
-    """``arr[d]`` for document id ``d`` when the ids index ``arr``, else by order of the distinct ids; None if neither."""
+def _per_doc(arr: np.ndarray, doc_ids: np.ndarray, *, by_index: bool) -> np.ndarray | None:
+    """One value per distinct document id, in id order; with ``by_index`` also ``arr[doc_id]`` when the ids
+    index ``arr`` (documents without tokens). None when neither fits."""
     if not len(doc_ids):
         return arr[:0]
     docs, inverse = np.unique(doc_ids, return_inverse=True)
-    if docs[0] >= 0 and docs[-1] < len(arr):
-        return arr[doc_ids]
     if len(arr) == len(docs):
         return arr[inverse]
+    if by_index and docs[0] >= 0 and docs[-1] < len(arr):
+        return arr[doc_ids]
     return None
 
 
 def expand_label(name: str, values: Any, doc_ids: np.ndarray, per: LabelPer | None = None) -> np.ndarray:
     """One value per token ``[tokens]`` from one value per token (``per="token"``) or per document (``"doc"``).
 
-    Per-document values are indexed by document id (``values[doc_id]``), or, when the ids are not indices into
-    ``values``, taken in order of the distinct ids. Without ``per`` the count decides; a count that fits both
-    readings with different results is refused: say ``per="token"`` or ``per="doc"``.
+    Per-document values are taken in order of the distinct document ids (one per document), or, with
+    ``per="doc"`` and more values than documents, indexed by document id (``values[doc_id]``: documents that
+    left no token). Without ``per`` the count decides; a count that fits both readings with different results
+    is refused: say ``per="token"`` or ``per="doc"``.
     """
     doc_ids = np.asarray(doc_ids)
     arr = _label_array(name, values)
@@ -119,7 +121,7 @@ def expand_label(name: str, values: Any, doc_ids: np.ndarray, per: LabelPer | No
     n_docs = len(np.unique(doc_ids))
     if per not in (None, "token", "doc"):
         raise TraceError(f"per must be 'token' or 'doc', got {per!r}.")
-    as_doc = _per_doc(arr, doc_ids) if per in (None, "doc") else None
+    as_doc = _per_doc(arr, doc_ids, by_index=per == "doc") if per in (None, "doc") else None
     if per == "token" or (per is None and len(arr) == n and (as_doc is None or np.array_equal(as_doc, arr))):
         if len(arr) != n:
             raise TraceError(f"label {name!r} must be one value per token ([{n}]), got {len(arr)} (per='token').")
