@@ -7,7 +7,7 @@ import pytest
 
 import moe_routing as mr
 from conftest import make_qwen3_moe
-from moe_routing.demo_pipeline import demo_runs, run_key
+from moe_routing.demo_pipeline import demo_runs
 
 
 @pytest.fixture
@@ -34,6 +34,8 @@ def test_options_are_part_of_the_cache_key(model_dir, tmp_path):
 
 
 def test_defaults_keep_the_plain_directory_name_and_keys_differ_per_option():
+    from moe_routing.demo_pipeline import run_key
+
     assert run_key() == "" and run_key(batch_size=32, dtype="auto") == ""
     keys = {run_key(langs=["de"]), run_key(max_tokens=300), run_key(max_per_lang=3), run_key(batch_size=8),
             run_key(dtype="float32"), run_key(langs=["de", "fr"]), run_key(langs=["fr", "de"])}

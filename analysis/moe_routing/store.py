@@ -537,7 +537,7 @@ class TraceReader:
             raise CorruptShardError(f"shard {shard} holds values that do not form a valid trace: {exc}") from exc
         return trace if layers is None else trace.select(layers=layers)
 
-    def iter_traces(self, *, layers: Sequence[int] | None = None) -> Iterator[RoutingTrace]:
+    def iter_traces(self, *, layers: Sequence[int] | None = None, _stacklevel: int = 2) -> Iterator[RoutingTrace]:
         """Yield one RoutingTrace per shard, in order. Missing, foreign or corrupt shards raise (or warn, with
         ``skip_corrupt``); a directory whose capture has not finished warns."""
         missing = self.missing_shards
@@ -550,20 +550,20 @@ class TraceReader:
             )
             if not self.skip_corrupt:
                 raise exc
-            warnings.warn(f"skipping: {exc}", stacklevel=2)
+            warnings.warn(f"skipping: {exc}", stacklevel=_stacklevel)
         elif not self.manifest.get("complete", False):
-            warnings.warn(self.incomplete_reason() or "", stacklevel=2)
+            warnings.warn(self.incomplete_reason() or "", stacklevel=_stacklevel)
         for shard in self.shards():
             try:
                 yield self.read_shard(shard, layers=layers)
             except CorruptShardError as exc:
                 if not self.skip_corrupt:
                     raise
-                warnings.warn(f"skipping: {exc}", stacklevel=2)
+                warnings.warn(f"skipping: {exc}", stacklevel=_stacklevel)
 
     def read(self, *, layers: Sequence[int] | None = None) -> RoutingTrace:
         """The whole trace in memory."""
-        parts = list(self.iter_traces(layers=layers))
+        parts = list(self.iter_traces(layers=layers, _stacklevel=3))
         if not parts:
             raise TraceError(f"{self.path} holds no readable shards yet.")
         return RoutingTrace.concat(parts)
