@@ -29,3 +29,19 @@ class CorpusError(MoERoutingError, ValueError):
 
 class MetricError(MoERoutingError, ValueError):
     """A metric was asked for something the trace cannot answer (no weights, unknown layer, ...)."""
+
+
+class CompiledModelError(CaptureError):
+    """A forward inside capture ran compiled code that skipped capture's hooks (torch.compile before capture)."""
+
+
+class IncompleteCaptureError(CaptureError):
+    """A forward recorded fewer tokens than it was given: the trace would not be what the model ran."""
+
+
+class UnsupportedGenerationError(CaptureError):
+    """A generate() mode whose forwards capture cannot map one-to-one onto the returned sequences."""
+
+
+class WrappedModelError(UnsupportedModelError):
+    """capture was given a wrapper object around a model and found no transformers model inside it."""
