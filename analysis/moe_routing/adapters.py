@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, WrappedModelError
 
 DEFAULT_EXPERTS = r"(?:^|\.)(?:layers|h|blocks)\.(?P<layer>\d+)\.(?:mlp|feed_forward|block_sparse_moe|moe|ffn)\.experts$"
 NUM_EXPERTS_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
@@ -197,6 +197,69 @@ GENERIC = Adapter("generic", experts=r"(?:^|\.)(?P<layer>\d+)\.(?:[\w]+\.)*exper
                   notes="fallback: any '...experts' module whose forward takes (hidden, top_k_index, top_k_weights)")
 
 
+# Module-name segments that wrappers insert between a model's own names (torch.compile's OptimizedModule,
+# TransformerLens bridge components, activation checkpointing, FSDP): dropped before the experts pattern is
+# matched, so ``layers.0._original_component.mlp._original_component.experts`` reads as ``layers.0.mlp.experts``.
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "original_component", "_original_component",
+                              "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+# Attributes under which known wrappers keep the model they wrap (TransformerLens bridge, torch.compile, PEFT,
+# DDP/FSDP, nnsight); any other attribute holding a transformers model is found too.
+WRAPPED_MODEL_ATTRS = ("original_model", "_orig_mod", "base_model", "model", "module", "_model", "_module")
+
+
+def _plain_name(name: str) -> str:
+    """``name`` without wrapper segments (see ``WRAPPER_SEGMENTS``)."""
+    parts = name.split(".")
+    if not WRAPPER_SEGMENTS.intersection(parts):
+        return name
+    return ".".join(p for p in parts if p not in WRAPPER_SEGMENTS)
+
+
+def _is_transformers_model(obj: object) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(obj, PreTrainedModel)
+
+
+def unwrap_model(model: object, *, max_depth: int = 4) -> object:
+    """The transformers model that ``model`` is or wraps (TransformerLens bridge, torch.compile, PEFT, DDP, ...).
+
+    Known wrapper attributes are tried first, then every attribute and submodule, breadth first, up to
+    ``max_depth`` levels. Returns ``model`` itself when it is a transformers model or wraps none.
+    """
+    if _is_transformers_model(model):
+        return model
+    seen = {id(model)}
+    level = [model]
+    for _ in range(max_depth):
+        nxt = []
+        for obj in level:
+            attrs = getattr(obj, "__dict__", {})
+            children = [attrs.get(a) for a in WRAPPED_MODEL_ATTRS]
+            children += list(attrs.values()) + list((attrs.get("_modules") or {}).values())
+            for child in children:
+                if not isinstance(child, nn.Module) or id(child) in seen:
+                    continue
+                if _is_transformers_model(child):
+                    return child
+                seen.add(id(child))
+                nxt.append(child)
+        level = nxt
+    return model
+
+
+def wrapper_error(model: object, exc: Exception) -> WrappedModelError:
+    """The error for an object that is not a transformers model and wraps none that capture can find."""
+    return WrappedModelError(
+        f"{exc} capture was given a {type(model).__module__}.{type(model).__name__}, which is not a transformers "
+        "PreTrainedModel and holds none as an attribute; if it wraps a model (a TransformerLens bridge, an "
+        "interpretability or serving wrapper), pass the transformers model itself (e.g. bridge.original_model)."
+    )
+
+
 def supported_families() -> list[str]:
     return sorted({row.family for row in ADAPTERS_LIST})
 
@@ -270,7 +333,7 @@ def find_moe_layers(model: nn.Module, adapter: Adapter) -> list[MoELayer]:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     found: dict[int, MoELayer] = {}
     for name, module in model.named_modules():
-        m = pattern.search(name)
+        m = pattern.search(_plain_name(name))
         if not m:
             continue
         if adapter.reading in ("experts_args", "onehot_capacity", "skip_zero_weight") and not _takes_routing_args(
@@ -278,6 +341,8 @@ def find_moe_layers(model: nn.Module, adapter: Adapter) -> list[MoELayer]:
         ):
             continue
         layer = int(m.group("layer"))
+        if layer in found and name.startswith(found[layer].name + "."):
+            del found[layer]  # a wrapper and the module it wraps both matched: keep the wrapped module
         if layer in found:
             raise UnsupportedModelError(
                 f"two MoE modules claim decoder layer {layer} ({found[layer].name}, {name}); "
@@ -293,7 +358,7 @@ def find_moe_layers(model: nn.Module, adapter: Adapter) -> list[MoELayer]:
         found[layer] = MoELayer(layer=layer, name=name, module=module, router=router, num_experts=num)
     if not found:
         types = ", ".join(_model_types(model)) or type(model).__name__
-        has_experts = any(n.endswith("experts") for n, _ in model.named_modules())
+        has_experts = any(_plain_name(n).endswith("experts") for n, _ in model.named_modules())
         what = "an MoE layout this version does not know" if has_experts else "a dense model (no MoE layers)"
         raise UnsupportedModelError(
             f"model_type {types!r} looks like {what}: no experts modules matched the "

@@ -45,3 +45,17 @@ class ForeignShardError(CorruptShardError):
 
 class TraceLockedError(TraceError):
     """Another process is writing the same trace directory."""
+class CompiledModelError(CaptureError):
+    """A forward inside capture ran compiled code that skipped capture's hooks (torch.compile before capture)."""
+
+
+class IncompleteCaptureError(CaptureError):
+    """A forward recorded fewer tokens than it was given: the trace would not be what the model ran."""
+
+
+class UnsupportedGenerationError(CaptureError):
+    """A generate() mode whose forwards capture cannot map one-to-one onto the returned sequences."""
+
+
+class WrappedModelError(UnsupportedModelError):
+    """capture was given a wrapper object around a model and found no transformers model inside it."""

@@ -404,7 +404,9 @@ def _capture_locked(model: Any, tokenizer: Any, out: Path, records: Iterator[tup
                 with torch.inference_mode():
                     for batch in shard:
                         ids, mask = _pad(batch, pad_id, left)
+                        before = rec.tokens_recorded
                         model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+                        rec.check_recorded(before, int(mask.sum()))  # all planned tokens, or raise
                         bar.update(sum(len(c.ids) for c in batch))
                 flat = [c for b in shard for c in b]
                 per_doc = {n: [c.labels[n] for c in flat] for n in label_names}
