@@ -156,6 +156,7 @@ def load_corpus(
     if max_per_lang is not None and int(max_per_lang) <= 0:
         raise CorpusError(f"max_per_lang must be a positive number, got {max_per_lang}.")
 
+    builtin = True  # the built-in corpora load only the requested languages
     if isinstance(spec, str) and spec_str == "demo":
         df = _load_demo(tuple(langs or DEFAULT_LANGS), int(seed))
     elif isinstance(spec, str) and spec_str == "udhr":
@@ -163,8 +164,10 @@ def load_corpus(
     elif isinstance(spec, str) and (spec_str == "flores" or spec_str.startswith("flores:")):
         df = _load_flores(tuple(langs or DEFAULT_LANGS), spec_str.partition(":")[2] or "devtest")
     elif isinstance(spec, str) and spec_str.startswith("hf:"):
+        builtin = False
         df = _load_hf(spec_str, text_column)
     else:
+        builtin = False
         df = _load_path(Path(spec_str).expanduser(), text_column)
 
     df = _drop_empty(df, spec_str)
@@ -175,7 +178,7 @@ def load_corpus(
             raise CorpusError(
                 f"corpus {spec_str!r} has no rows with split={split!r}; its splits are {present}."
             )
-    if langs is not None and spec_str not in ("demo", "udhr") and not spec_str.startswith("flores"):
+    if langs is not None and not builtin:
         present = sorted(df["lang"].astype(str).unique())
         df = df[df["lang"].isin(langs)]
         if df.empty:
