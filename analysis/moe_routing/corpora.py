@@ -639,14 +639,21 @@ def _normalise(table: pd.DataFrame, source: str, text_column: str, where: Any) -
     if text_column not in table.columns:
         cols = ", ".join(map(str, table.columns)) or "none"
         raise CorpusError(
-            f"{where} has no column {text_column!r}; its columns are: {cols}. Pass text_column=."
+            f"{where} has no column {text_column!r}; its columns are: {cols}. Pass text_column= (--text-column on the command line)."
         )
     n = len(table)
     if n == 0:
         raise CorpusError(f"{where} has no records.")
+    texts = table[text_column].tolist()
+    bad = next((i for i, v in enumerate(texts) if _is_container(v)), None)
+    if bad is not None:
+        raise CorpusError(
+            f"{where}: record {bad} has a {type(texts[bad]).__name__} in the text column {text_column!r}, not a "
+            "string; join it into one text per record, or name the text column (text_column= / --text-column)."
+        )
     out = pd.DataFrame(index=range(n))
     out["text"] = [("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-                   for v in table[text_column].tolist()]  # fmt: skip
+                   for v in texts]  # fmt: skip
     out["lang"] = table["lang"].astype(str).to_numpy() if "lang" in table else "und"
     out["script"] = (table["script"].astype(str).to_numpy() if "script" in table
                      else [guess_script(t) for t in out["text"]])  # fmt: skip
@@ -660,6 +667,37 @@ def _normalise(table: pd.DataFrame, source: str, text_column: str, where: Any) -
             continue
         out[str(col)] = table[col].to_numpy()
     return out
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (list, tuple, dict, set, np.ndarray))
+
+
+def check_label_columns(corpus: pd.DataFrame, names: Sequence[str] | None = None) -> list[str]:
+    """The label columns a capture of ``corpus`` keeps (``names``, default every column but ``text``), checked.
+
+    A label holds one scalar per text (a string, number or bool); a column of lists or objects (a JSON array in
+    a JSONL file) cannot be one. Raises CorpusError naming the column and the record before any model runs.
+    """
+    columns = [str(c) for c in corpus.columns]
+    if names is None:
+        names = [c for c in columns if c != "text"]
+    names = list(dict.fromkeys(str(n) for n in names))
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise CorpusError(f"label columns {missing} are not in the corpus; its columns are {columns}.")
+    if "text" in names:
+        raise CorpusError("'text' is the text itself, not a label; name other columns as labels.")
+    for name in names:
+        values = corpus[name].tolist()
+        bad = next((i for i, v in enumerate(values) if _is_container(v)), None)
+        if bad is not None:
+            raise CorpusError(
+                f"label column {name!r} holds a {type(values[bad]).__name__} in record {bad} "
+                f"({str(values[bad])[:60]}); a label is one string or number per text. Leave the column out (choose "
+                "the labels with labels= / --label NAME) or flatten it into one value per record."
+            )
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------------- hub

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import MetricError, TraceError
+from ..errors import MetricError, PlotInputError, TraceError
 from ..trace import RoutingTrace
 
 # ISO 639-1 (and a few 639-3) codes of the languages the demo corpus and common benchmarks use.
@@ -156,7 +156,7 @@ def _decode_ids(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
         return out
     if hasattr(tokenizer, "convert_ids_to_tokens"):
         return dict(zip(uniq, tokenizer.convert_ids_to_tokens(uniq), strict=True))
-    raise TypeError(f"tokenizer {type(tokenizer).__name__} has neither decode() nor convert_ids_to_tokens().")
+    raise PlotInputError(f"tokenizer {type(tokenizer).__name__} has neither decode() nor convert_ids_to_tokens().")
 
 
 def token_strings(trace: RoutingTrace, *, tokenizer: Any = None, tokens: TokenSource = None) -> list[str]:
@@ -245,7 +245,7 @@ def metric_frame(obj: Any, metric: str, **kwargs: Any) -> Any:
     if isinstance(obj, pd.DataFrame):
         return obj
     if obj is None:
-        raise TypeError(f"expected a RoutingTrace, a trace directory or a {metric}() frame, got None.")
+        raise PlotInputError(f"expected a RoutingTrace, a trace directory or a {metric}() frame, got None.")
     from .. import metrics
 
     fn = getattr(metrics, metric, None)
