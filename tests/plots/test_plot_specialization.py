@@ -148,3 +148,17 @@ def test_sankey_all_experts_and_errors() -> None:
         top1_sankey(tr, layers=[3])
     with pytest.raises(TraceError, match="layer 8"):
         top1_sankey(tr, layers=[3, 8])
+
+
+def test_coactivation_heatmap_from_a_trace_directory_or_reader(trace: RoutingTrace, tmp_path) -> None:
+    """A saved trace (path or the TraceReader capture_corpus returns) draws the same heatmap as the trace."""
+    from moe_routing.store import TraceReader
+
+    trace.save(tmp_path / "t")
+    layer = trace.layers[-1]
+    ref = np.asarray(coactivation_heatmap(trace, layer).data[0].z, dtype=float)
+    for source in (str(tmp_path / "t"), TraceReader(tmp_path / "t")):
+        z = np.asarray(coactivation_heatmap(source, layer).data[0].z, dtype=float)
+        np.testing.assert_array_equal(z, ref)
+    with pytest.raises(TraceError, match="pass layer="):
+        coactivation_heatmap(TraceReader(tmp_path / "t"))

@@ -237,6 +237,18 @@ def check_frame_layer(frame: pd.DataFrame, layer: int) -> None:
     frame_layers(frame, [layer])
 
 
+def is_trace_source(obj: Any) -> bool:
+    """Whether ``obj`` is something the metrics read routing from: a trace, a ``TraceReader``, a trace
+    directory path or a list of ``RoutingTrace`` chunks (not a computed frame or array)."""
+    import os
+
+    from ..store import TraceReader
+
+    if isinstance(obj, (RoutingTrace, TraceReader, str, os.PathLike)):
+        return True
+    return isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(x, RoutingTrace) for x in obj)
+
+
 def metric_frame(obj: Any, metric: str, **kwargs: Any) -> Any:
     """``obj`` itself if it is a frame; otherwise ``moe_routing.metrics.<metric>(obj, **kwargs)``.
 

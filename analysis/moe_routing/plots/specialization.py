@@ -19,6 +19,7 @@ from ..trace import RoutingTrace
 from ._common import (
     category_axis,
     frame_layers,
+    is_trace_source,
     label_names,
     layer_positions,
     layer_slider,
@@ -285,10 +286,12 @@ def coactivation_heatmap(
     trace and ``layer`` to compute it. ``order="cluster"``
     reorders experts so that groups that fire together sit side by side (tick labels keep the expert ids).
     """
-    if isinstance(matrix, RoutingTrace):
+    if is_trace_source(matrix):
         if layer is None:
-            raise TraceError(f"pass layer= (a decoder-layer index; MoE layers are {list(matrix.layers)}).")
-        matrix.layer_index(layer)
+            layers = f"; MoE layers are {list(matrix.layers)}" if hasattr(matrix, "layers") else ""
+            raise TraceError(f"pass layer= (a decoder-layer index{layers}).")
+        if isinstance(matrix, RoutingTrace):
+            matrix.layer_index(layer)
         mat = np.asarray(metric_frame(matrix, "coactivation", layer=layer), dtype=np.float64)
     else:
         mat = np.asarray(matrix, dtype=np.float64)
