@@ -117,6 +117,12 @@ def test_max_per_lang_prefers_the_same_keys():
     assert df.equals(load_corpus("demo", max_per_lang=50, seed=3))
     with pytest.raises(CorpusError):
         load_corpus("demo", max_per_lang=0)
+    assert load_corpus("demo", max_per_lang="50", seed=3.0).equals(df)  # numeric strings, integral floats work
+    for bad in ("fifty", 2.5, [50]):  # not a whole number: a CorpusError, not a raw ValueError / TypeError
+        with pytest.raises(CorpusError, match="max_per_lang must be a positive whole number"):
+            load_corpus("demo", max_per_lang=bad)
+    with pytest.raises(CorpusError, match="seed must be a whole number"):
+        load_corpus("demo", seed="three")
 
 
 def test_other_django_locales_and_unknown_language():

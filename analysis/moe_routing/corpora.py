@@ -153,8 +153,13 @@ def load_corpus(
         langs = [str(x) for x in langs]
         if not langs:
             raise CorpusError("langs is empty; pass None for the default languages.")
-    if max_per_lang is not None and int(max_per_lang) <= 0:
-        raise CorpusError(f"max_per_lang must be a positive number, got {max_per_lang}.")
+    if max_per_lang is not None:
+        if not _is_whole(max_per_lang) or _as_int(max_per_lang) <= 0:
+            raise CorpusError(f"max_per_lang must be a positive whole number, got {max_per_lang!r}.")
+        max_per_lang = _as_int(max_per_lang)
+    if not _is_whole(seed):
+        raise CorpusError(f"seed must be a whole number, got {seed!r}.")
+    seed = _as_int(seed)
 
     builtin = True  # the built-in corpora load only the requested languages
     if isinstance(spec, str) and spec_str == "demo":
@@ -667,6 +672,20 @@ def _normalise(table: pd.DataFrame, source: str, text_column: str, where: Any) -
             continue
         out[str(col)] = table[col].to_numpy()
     return out
+
+
+def _is_whole(value: Any) -> bool:
+    """A whole number: an int, an integral float (1e3) or a numeric string ("50"); not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return float(value).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _as_int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, np.integer)) else int(float(value))
 
 
 def _is_container(value: Any) -> bool:

@@ -162,3 +162,23 @@ def test_coactivation_heatmap_from_a_trace_directory_or_reader(trace: RoutingTra
         np.testing.assert_array_equal(z, ref)
     with pytest.raises(TraceError, match="pass layer="):
         coactivation_heatmap(TraceReader(tmp_path / "t"))
+
+
+def test_bad_plot_options_raise_project_errors(trace: RoutingTrace) -> None:
+    """Options a user gets wrong raise PlotError / PlotInputError (MoERoutingError), still ValueError / TypeError."""
+    from moe_routing.errors import MoERoutingError, PlotError, PlotInputError
+    from moe_routing.plots import expert_colors, nmi_by_layer
+    from moe_routing.plots._common import metric_frame, token_strings
+
+    cases = [
+        (PlotError, ValueError, lambda: label_usage_heatmap(trace, "lang", normalize="share")),
+        (PlotError, ValueError, lambda: top1_sankey(trace, top_n=0)),
+        (PlotError, ValueError, lambda: expert_colors(0)),
+        (PlotInputError, TypeError, lambda: nmi_by_layer(trace)),
+        (PlotInputError, TypeError, lambda: metric_frame(None, "label_usage")),
+        (PlotInputError, TypeError, lambda: token_strings(trace, tokenizer=object())),
+    ]
+    for kind, builtin, call in cases:
+        with pytest.raises(kind) as err:
+            call()
+        assert isinstance(err.value, MoERoutingError) and isinstance(err.value, builtin)
