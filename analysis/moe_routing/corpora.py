@@ -644,7 +644,8 @@ def _normalise(table: pd.DataFrame, source: str, text_column: str, where: Any) -
     if text_column not in table.columns:
         cols = ", ".join(map(str, table.columns)) or "none"
         raise CorpusError(
-            f"{where} has no column {text_column!r}; its columns are: {cols}. Pass text_column= (--text-column on the command line)."
+            f"{where} has no column {text_column!r}; its columns are: {cols}. Pass text_column= "
+            "(--text-column on the command line)."
         )
     n = len(table)
     if n == 0:

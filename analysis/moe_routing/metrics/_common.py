@@ -2,8 +2,9 @@
 
 Every metric accepts a :class:`~moe_routing.trace.RoutingTrace`, a trace directory (``str`` / ``os.PathLike``,
 read shard by shard through ``moe_routing.store.TraceReader``), a ``TraceReader`` itself (what ``capture_corpus``
-returns) or a sequence of ``RoutingTrace`` chunks (treated like shards). Additive metrics fold over the chunks so memory stays bounded by one shard plus the accumulators.
-Documents never span shards, so sequence metrics may look at neighbouring tokens inside a chunk only.
+returns) or a sequence of ``RoutingTrace`` chunks (treated like shards). Additive metrics fold over the chunks
+so memory stays bounded by one shard plus the accumulators. Documents never span shards, so sequence metrics may
+look at neighbouring tokens inside a chunk only.
 """
 
 from __future__ import annotations

@@ -161,8 +161,9 @@ def reference_divergence(
     same pair and the divergences are averaged; without it, each language's mean distribution is compared with
     the reference's. Divergence = JS(q, q_ref) in bits divided by the mean entropy (bits) of q and q_ref
     (``normalize="entropy"``; ``"none"``: plain JS). Router-logit columns past ``num_experts`` (zaya's skip
-    class) are left out: the distribution is over the experts, given the token is routed. The paper's exact normaliser could not be checked here:
-    compare magnitudes across models with care; shapes over depth (U-shaped, lowest in middle layers) compare.
+    class) are left out: the distribution is over the experts, given the token is routed. The paper's exact
+    normaliser could not be checked here: compare magnitudes across models with care; shapes over depth
+    (U-shaped, lowest in middle layers) compare.
 
     Columns: ``<label>, layer, divergence, js, entropy_norm`` (mean normalised entropy H(q)/log E of the
     language's documents), ``ci_low, ci_high`` (bootstrap over pairs, or Poisson bootstrap over documents),
