@@ -6,6 +6,7 @@ The notebooks live in a temp folder (not notebooks/); screenshots go to ``<repor
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import nbformat
 import pytest
 
 from moe_routing import report
+from moe_routing.errors import MoERoutingError, NotebookNotFoundError, UsageError
 from moe_routing.plots import BrowserNotFoundError, find_browser
 
 NB_OK = """
@@ -111,8 +113,9 @@ def test_parameters_injected_and_outputs_kept(built: Path) -> None:
 
 def test_find_notebooks_only() -> None:
     root = Path(__file__).parent
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as err:
         report.find_notebooks(root / "does-not-exist")
+    assert isinstance(err.value, MoERoutingError)
 
 
 def test_find_notebooks_selection(built: Path) -> None:
@@ -120,7 +123,7 @@ def test_find_notebooks_selection(built: Path) -> None:
     assert [p.name for p in report.find_notebooks(nbdir)] == ["01_glance.py", "02_broken.py"]
     assert [p.name for p in report.find_notebooks(nbdir, ["2"])] == ["02_broken.py"]
     assert [p.name for p in report.find_notebooks(nbdir, ["glance"])] == ["01_glance.py"]
-    with pytest.raises(FileNotFoundError, match="matches none"):
+    with pytest.raises(NotebookNotFoundError, match="matches none"):
         report.find_notebooks(nbdir, ["07"])
 
 
@@ -128,8 +131,10 @@ def test_param_parsing() -> None:
     assert report.parse_params(["a=3", "b=0.5", "c=[1, 2]", "d=runs/demo", "e=true", "f=None", "g='x=y'"]) == {
         "a": 3, "b": 0.5, "c": [1, 2], "d": "runs/demo", "e": True, "f": None, "g": "x=y"
     }  # fmt: skip
-    with pytest.raises(ValueError, match="KEY=VALUE"):
+    with pytest.raises(UsageError, match="KEY=VALUE"):
         report.parse_params(["oops"])
+    with pytest.raises(UsageError, match="identifier"):
+        report.parse_params(["1x=2"])
 
 
 def test_kernel_runs_this_python() -> None:
@@ -141,10 +146,27 @@ def test_kernel_runs_this_python() -> None:
 
 
 def _chromium_or_skip() -> None:
+    """Skip without Chromium, except on CI (``CI=true``), where a missing browser is a failure."""
     try:
         find_browser()
     except BrowserNotFoundError as exc:
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but the browser checks cannot run: {exc}", pytrace=False)
         pytest.skip(f"{exc} (apt-get install -y chromium chromium-driver)")
+
+
+def test_browser_checks_fail_instead_of_skipping_on_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_routing.plots import export
+
+    monkeypatch.setenv("BROWSER_PATH", "/nonexistent/chrome")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(export, "_DEBIAN", ())
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        _chromium_or_skip()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        _chromium_or_skip()
 
 
 def test_pages_render_plotly_figures_in_chromium(built: Path) -> None:

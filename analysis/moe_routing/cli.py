@@ -1,24 +1,94 @@
-"""Command line: ``moe-routing capture | info | demo | report``."""
+"""Command line: ``moe-routing capture | info | demo | report``.
+
+Every error a user can cause ends the command with exit status 2 and one line ``moe-routing: error: ...`` on
+stderr (no traceback); options are checked before any corpus or model is loaded. A notebook that fails makes
+``demo`` and ``report`` exit with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import MoERoutingError, UsageError
+
+#: dtypes the capture command accepts (``load_model`` aliases included); anything else is refused up front.
+DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+#: device_map strings that place the whole model without naming a device.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error line: the usage, then ``moe-routing: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"moe-routing: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--batch-size 0`` or ``--max-tokens -5`` are refused)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_device(device: str | None) -> None:
+    """UsageError when ``device`` (a ``device_map`` string) names an accelerator this machine does not have."""
+    if device is None or device in DEVICE_MAPS:
+        return
+    kind, _, index = device.partition(":")
+    if device.isdigit():
+        kind, index = "cuda", device
+    if kind not in ("cuda", "mps", "xpu"):
+        raise UsageError(
+            f"--device {device!r} is not a device: use cpu, cuda, cuda:N, mps, or a device_map strategy "
+            f"({', '.join(DEVICE_MAPS)})."
+        )
+    import torch
+
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("--device mps: this machine has no usable Apple GPU (MPS); use --device cpu.")
+        return
+    backend = getattr(torch, kind)
+    if not backend.is_available():
+        raise UsageError(f"--device {device}: {kind.upper()} is not available on this machine "
+                         f"(torch {torch.__version__}); use --device cpu, or install a {kind} build of torch.")
+    count = backend.device_count()
+    if index and (not index.isdigit() or int(index) >= count):
+        raise UsageError(f"--device {device}: this machine has {count} {kind} device(s) "
+                         f"({kind}:0 to {kind}:{count - 1}).")
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from .corpora import load_corpus
+    from .corpora import check_label_columns, load_corpus
+
+    check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory for the trace.")
+    langs = [x for x in args.langs.split(",") if x.strip()] if args.langs else None
+    corpus = load_corpus(args.corpus, split=args.split, langs=langs, text_column=args.text_column)
+    labels = check_label_columns(corpus, args.label)
+    print(f"[moe-routing] corpus {args.corpus!r}: {len(corpus)} texts; labels {', '.join(labels) or 'none'}",
+          file=sys.stderr)
+
     from .models import load_model
     from .pipeline import capture_corpus
 
-    corpus = load_corpus(args.corpus, split=args.split, langs=args.langs.split(",") if args.langs else None)
-    print(f"[moe-routing] corpus {args.corpus!r}: {len(corpus)} texts", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device,
                                   trust_remote_code=args.trust_remote_code, revision=args.revision)
     reader = capture_corpus(
         model, tokenizer, corpus, args.out, batch_size=args.batch_size, max_tokens=args.max_tokens,
-        max_length=args.max_length, logits=args.logits, overwrite=args.overwrite,
+        max_length=args.max_length, logits=args.logits, overwrite=args.overwrite, labels=labels,
     )
     print(reader)
     return 0
@@ -34,20 +104,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """Traces (cached), then the project's notebooks on them; 1 when a notebook failed."""
     from .demo_pipeline import run_demo
+    from .report import build_report, find_notebooks, parse_params, project_notebooks, summarize
 
-    run_demo(model=args.model, out=args.out, report=not args.no_report)
-    return 0
+    params = parse_params(args.param)
+    notebooks = Path(args.notebooks) if args.notebooks else project_notebooks()
+    if not args.no_report:
+        find_notebooks(notebooks, args.only)  # a wrong --notebooks / --only fails before the captures
+    run_demo(model=args.model, out=args.out, report=False)
+    if args.no_report:
+        return 0
+    parameters = {"MODEL": args.model, "RUNS": str(Path(args.out).resolve()), **params}
+    index = build_report(notebooks, args.report_dir, parameters=parameters, only=args.only)
+    return summarize(index)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import main as report_main
+    from .report import run
 
-    return report_main(args.rest)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-routing", description="Capture and analyse MoE routing.")
+    p = Parser(prog="moe-routing", description="Capture and analyse MoE routing.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("capture", help="capture routing for a corpus into a trace directory")
@@ -56,12 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output trace directory")
     c.add_argument("--split", default=None, help="corpus split (e.g. train, heldout)")
     c.add_argument("--langs", default=None, help="comma-separated language codes")
+    c.add_argument("--text-column", default="text", help="column holding the text in a table file or hub dataset")
+    c.add_argument("--label", action="append", default=None, metavar="NAME",
+                   help="corpus column to keep as a label (repeatable; default: every column but the text)")
     c.add_argument("--logits", action="store_true", help="also store full router logits (float16)")
-    c.add_argument("--max-tokens", type=int, default=None)
-    c.add_argument("--max-length", type=int, default=None, help="tokens per chunk (long texts are split)")
-    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--max-tokens", type=positive_int, default=None, help="stop after this many real tokens")
+    c.add_argument("--max-length", type=positive_int, default=None, help="tokens per chunk (long texts are split)")
+    c.add_argument("--batch-size", type=positive_int, default=8)
     c.add_argument("--device", default=None, help="device_map for from_pretrained, e.g. auto, cuda:0, cpu")
-    c.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    c.add_argument("--dtype", default="auto", choices=DTYPES, metavar="{auto,bfloat16,float16,float32}",
+                   help="weights dtype (default: auto, the checkpoint's)")
     c.add_argument("--revision", default=None)
     c.add_argument("--trust-remote-code", action="store_true", help="run the repository's own code (only if trusted)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
@@ -71,25 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("trace")
     i.set_defaults(func=_cmd_info)
 
-    d = sub.add_parser("demo", help="the whole pipeline on the embedded demo (or MODEL)")
+    d = sub.add_parser("demo", help="the whole pipeline on the embedded demo (or MODEL); exit 1 if a notebook fails")
     d.add_argument("--model", default="demo")
-    d.add_argument("--out", default="runs")
+    d.add_argument("--out", default="runs", help="trace directories (default: ./runs)")
+    d.add_argument("--report-dir", default="report", help="where the report goes (default: ./report)")
+    d.add_argument("--notebooks", default=None, help="notebook folder (default: the project's notebooks/)")
+    d.add_argument("--only", action="append", default=None, metavar="NN|NAME", help="run only these notebooks")
+    d.add_argument("--param", "-p", action="append", default=None, metavar="KEY=VALUE",
+                   help="extra notebook parameter (repeatable)")
     d.add_argument("--no-report", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
-    r = sub.add_parser("report", help="execute the notebooks and render report/index.html")
-    r.add_argument("rest", nargs=argparse.REMAINDER)
+    r = sub.add_parser("report", help="execute the notebooks and render report/index.html; exit 1 if one fails")
+    from .report import add_arguments
+
+    add_arguments(r)
     r.set_defaults(func=_cmd_report)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import MoERoutingError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except MoERoutingError as exc:
+    except (MoERoutingError, OSError) as exc:
         print(f"moe-routing: error: {exc}", file=sys.stderr)
         return 2
 

@@ -153,9 +153,15 @@ def load_corpus(
         langs = [str(x) for x in langs]
         if not langs:
             raise CorpusError("langs is empty; pass None for the default languages.")
-    if max_per_lang is not None and int(max_per_lang) <= 0:
-        raise CorpusError(f"max_per_lang must be a positive number, got {max_per_lang}.")
+    if max_per_lang is not None:
+        if not _is_whole(max_per_lang) or _as_int(max_per_lang) <= 0:
+            raise CorpusError(f"max_per_lang must be a positive whole number, got {max_per_lang!r}.")
+        max_per_lang = _as_int(max_per_lang)
+    if not _is_whole(seed):
+        raise CorpusError(f"seed must be a whole number, got {seed!r}.")
+    seed = _as_int(seed)
 
+    builtin = True  # the built-in corpora load only the requested languages
     if isinstance(spec, str) and spec_str == "demo":
         df = _load_demo(tuple(langs or DEFAULT_LANGS), int(seed))
     elif isinstance(spec, str) and spec_str == "udhr":
@@ -163,8 +169,10 @@ def load_corpus(
     elif isinstance(spec, str) and (spec_str == "flores" or spec_str.startswith("flores:")):
         df = _load_flores(tuple(langs or DEFAULT_LANGS), spec_str.partition(":")[2] or "devtest")
     elif isinstance(spec, str) and spec_str.startswith("hf:"):
+        builtin = False
         df = _load_hf(spec_str, text_column)
     else:
+        builtin = False
         df = _load_path(Path(spec_str).expanduser(), text_column)
 
     df = _drop_empty(df, spec_str)
@@ -175,7 +183,7 @@ def load_corpus(
             raise CorpusError(
                 f"corpus {spec_str!r} has no rows with split={split!r}; its splits are {present}."
             )
-    if langs is not None and spec_str not in ("demo", "udhr") and not spec_str.startswith("flores"):
+    if langs is not None and not builtin:
         present = sorted(df["lang"].astype(str).unique())
         df = df[df["lang"].isin(langs)]
         if df.empty:
@@ -636,14 +644,22 @@ def _normalise(table: pd.DataFrame, source: str, text_column: str, where: Any) -
     if text_column not in table.columns:
         cols = ", ".join(map(str, table.columns)) or "none"
         raise CorpusError(
-            f"{where} has no column {text_column!r}; its columns are: {cols}. Pass text_column=."
+            f"{where} has no column {text_column!r}; its columns are: {cols}. Pass text_column= "
+            "(--text-column on the command line)."
         )
     n = len(table)
     if n == 0:
         raise CorpusError(f"{where} has no records.")
+    texts = table[text_column].tolist()
+    bad = next((i for i, v in enumerate(texts) if _is_container(v)), None)
+    if bad is not None:
+        raise CorpusError(
+            f"{where}: record {bad} has a {type(texts[bad]).__name__} in the text column {text_column!r}, not a "
+            "string; join it into one text per record, or name the text column (text_column= / --text-column)."
+        )
     out = pd.DataFrame(index=range(n))
     out["text"] = [("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-                   for v in table[text_column].tolist()]  # fmt: skip
+                   for v in texts]  # fmt: skip
     out["lang"] = table["lang"].astype(str).to_numpy() if "lang" in table else "und"
     out["script"] = (table["script"].astype(str).to_numpy() if "script" in table
                      else [guess_script(t) for t in out["text"]])  # fmt: skip
@@ -657,6 +673,51 @@ def _normalise(table: pd.DataFrame, source: str, text_column: str, where: Any) -
             continue
         out[str(col)] = table[col].to_numpy()
     return out
+
+
+def _is_whole(value: Any) -> bool:
+    """A whole number: an int, an integral float (1e3) or a numeric string ("50"); not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return float(value).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _as_int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, np.integer)) else int(float(value))
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (list, tuple, dict, set, np.ndarray))
+
+
+def check_label_columns(corpus: pd.DataFrame, names: Sequence[str] | None = None) -> list[str]:
+    """The label columns a capture of ``corpus`` keeps (``names``, default every column but ``text``), checked.
+
+    A label holds one scalar per text (a string, number or bool); a column of lists or objects (a JSON array in
+    a JSONL file) cannot be one. Raises CorpusError naming the column and the record before any model runs.
+    """
+    columns = [str(c) for c in corpus.columns]
+    if names is None:
+        names = [c for c in columns if c != "text"]
+    names = list(dict.fromkeys(str(n) for n in names))
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise CorpusError(f"label columns {missing} are not in the corpus; its columns are {columns}.")
+    if "text" in names:
+        raise CorpusError("'text' is the text itself, not a label; name other columns as labels.")
+    for name in names:
+        values = corpus[name].tolist()
+        bad = next((i for i, v in enumerate(values) if _is_container(v)), None)
+        if bad is not None:
+            raise CorpusError(
+                f"label column {name!r} holds a {type(values[bad]).__name__} in record {bad} "
+                f"({str(values[bad])[:60]}); a label is one string or number per text. Leave the column out (choose "
+                "the labels with labels= / --label NAME) or flatten it into one value per record."
+            )
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------------- hub

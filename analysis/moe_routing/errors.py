@@ -59,3 +59,26 @@ class UnsupportedGenerationError(CaptureError):
 
 class WrappedModelError(UnsupportedModelError):
     """capture was given a wrapper object around a model and found no transformers model inside it."""
+class UsageError(MoERoutingError, ValueError):
+    """A command-line option or argument has a value that cannot work (``--batch-size 0``, ``--device cuda``
+    without CUDA, a malformed ``--param``)."""
+
+
+class PlotError(MoERoutingError, ValueError):
+    """A figure was asked for something it cannot draw (unknown option, empty selection, bad export format)."""
+
+
+class PlotInputError(PlotError, TypeError):
+    """A figure function got an object of the wrong kind (not a figure, trace, frame or tokenizer)."""
+
+
+class ReportError(MoERoutingError, RuntimeError):
+    """Executing or rendering the notebooks failed for a reason outside the notebooks (kernel, browser)."""
+
+
+class NotebookNotFoundError(ReportError, FileNotFoundError):
+    """The notebook folder does not exist, or ``--only`` matches none of its notebooks."""
+
+
+class BrowserNotFoundError(MoERoutingError, RuntimeError):
+    """No Chrome/Chromium for kaleido to render static images with (or for the report's browser checks)."""

@@ -11,7 +11,6 @@ page works without network), and finally ``index.html`` linking every page with 
 
 from __future__ import annotations
 
-import argparse
 import ast
 import datetime as _dt
 import html
@@ -27,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+
+from .errors import MoERoutingError, NotebookNotFoundError, ReportError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def ensure_kernel(name: str = "python3") -> str:
     path = install(kernel_name=name, prefix=sys.prefix, display_name=f"Python 3 ({Path(sys.prefix).name})")
     spec = KernelSpecManager().get_kernel_spec(name)
     if not usable(spec):
-        raise RuntimeError(
+        raise ReportError(
             f"Jupyter kernel {name!r} at {spec.resource_dir} runs {spec.argv[0]}, which is not this environment's "
             f"Python ({sys.executable}); remove that kernel spec or pass another kernel name."
         )
@@ -100,14 +101,42 @@ def ensure_kernel(name: str = "python3") -> str:
 
 
 # --------------------------------------------------------------------------------------------- discovery
-def find_notebooks(notebooks_dir: str | Path = "notebooks", only: Sequence[str] | None = None) -> list[Path]:
-    """The ``NN_*.py`` notebook sources in ``notebooks_dir``, in order.
+#: The project's own notebooks, next to the package in a source checkout (or an editable install).
+PROJECT_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def project_notebooks() -> Path:
+    """The project's ``notebooks/`` folder, wherever the command runs from; NotebookNotFoundError if absent."""
+    if not PROJECT_NOTEBOOKS.is_dir():
+        raise NotebookNotFoundError(
+            f"the project's notebooks are not next to the package ({PROJECT_NOTEBOOKS} does not exist: an "
+            "installed wheel carries no notebooks). Run from a source checkout, or pass the folder with --notebooks."
+        )
+    return PROJECT_NOTEBOOKS
+
+
+def resolve_notebooks_dir(notebooks_dir: str | Path | None) -> Path:
+    """``notebooks_dir`` as given; None, or the default ``"notebooks"`` where the current directory has none,
+    is the project's folder (so the report and the demo run from any directory)."""
+    if notebooks_dir is None:
+        return project_notebooks()
+    root = Path(notebooks_dir)
+    if not root.is_dir() and str(notebooks_dir) == "notebooks" and PROJECT_NOTEBOOKS.is_dir():
+        return PROJECT_NOTEBOOKS
+    return root
+
+
+def find_notebooks(notebooks_dir: str | Path | None = "notebooks", only: Sequence[str] | None = None) -> list[Path]:
+    """The ``NN_*.py`` notebook sources in ``notebooks_dir``, in order (see :func:`resolve_notebooks_dir`).
 
     ``only`` keeps those whose number (``"01"``/``"1"``), stem or part of the stem matches one of the entries.
     """
-    root = Path(notebooks_dir)
+    root = resolve_notebooks_dir(notebooks_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"notebook folder {root} does not exist.")
+        raise NotebookNotFoundError(
+            f"notebook folder {root} does not exist (relative paths start at {Path.cwd()}); pass the folder "
+            "with the NN_*.py notebooks (--notebooks)."
+        )
     paths = sorted(p for p in root.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name))
     if only:
         keep = []
@@ -123,7 +152,7 @@ def find_notebooks(notebooks_dir: str | Path = "notebooks", only: Sequence[str] 
                     keep.append(p)
                     break
         if not keep:
-            raise FileNotFoundError(
+            raise NotebookNotFoundError(
                 f"--only {list(only)} matches none of the notebooks in {root}: {[p.name for p in paths]}."
             )
         paths = keep
@@ -226,11 +255,11 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--param needs KEY=VALUE, got {item!r}.")
+            raise UsageError(f"--param needs KEY=VALUE, got {item!r}.")
         key, value = item.split("=", 1)
         key = key.strip()
         if not key.isidentifier():
-            raise ValueError(f"--param name {key!r} is not a Python identifier.")
+            raise UsageError(f"--param name {key!r} is not a Python identifier.")
         params[key] = parse_value(value)
     return params
 
@@ -346,7 +375,7 @@ def _chromium(args: Sequence[str], page: Path, *, budget_ms: int, timeout: float
             check=False,
         )
     if proc.returncode != 0:
-        raise RuntimeError(f"chromium failed ({proc.returncode}) on {page}: {proc.stderr[-800:]}")
+        raise ReportError(f"chromium failed ({proc.returncode}) on {page}: {proc.stderr[-800:]}")
     return proc.stdout
 
 
@@ -373,7 +402,7 @@ def screenshot(
         timeout=timeout,
     )
     if not png.exists():
-        raise RuntimeError(f"chromium wrote no screenshot of {page}.")
+        raise ReportError(f"chromium wrote no screenshot of {page}.")
     return png
 
 
@@ -497,8 +526,14 @@ total {sum(r.seconds for r in results):.1f} s{" · parameters " + params if para
     return path
 
 
+def failed_notebooks(index: str | Path) -> list[str]:
+    """Names of the notebooks that failed in the report whose ``index.html`` is ``index`` (from report.json)."""
+    results = json.loads((Path(index).parent / "report.json").read_text(encoding="utf-8"))
+    return [r["name"] for r in results if r["status"] != "ok"]
+
+
 def build_report(
-    notebooks_dir: str | Path = "notebooks",
+    notebooks_dir: str | Path | None = "notebooks",
     out_dir: str | Path = "report",
     parameters: Mapping[str, Any] | None = None,
     kernel: str = "python3",
@@ -530,11 +565,11 @@ def build_report(
     return write_index(results, out, parameters=parameters)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m moe_routing.report [--only NN] [--param KEY=VALUE] ...``; exit 1 if a notebook failed."""
-    ap = argparse.ArgumentParser(prog="python -m moe_routing.report", description=__doc__.splitlines()[0])
+def add_arguments(ap: Any) -> None:
+    """The report command's options (shared by ``python -m moe_routing.report`` and ``moe-routing report``)."""
     ap.add_argument(
-        "--notebooks", default="notebooks", help="folder with the NN_*.py notebooks (default: notebooks)"
+        "--notebooks", default="notebooks",
+        help="folder with the NN_*.py notebooks (default: ./notebooks, else the project's notebooks)"
     )
     ap.add_argument("--out", default="report", help="output folder (default: report)")
     ap.add_argument(
@@ -548,18 +583,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--screenshots", action="store_true", help="also save PNGs of every page (headless Chromium)"
     )
-    args = ap.parse_args(argv)
+
+
+def run(args: Any) -> int:
+    """Build the report for parsed ``args``; the exit status (0 ok, 1 a notebook failed). Raises project errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = parse_params(args.param)
     index = build_report(args.notebooks, args.out, params, args.kernel, only=args.only, timeout=args.timeout)
-    results = json.loads((index.parent / "report.json").read_text())
     if args.screenshots:
         shots = screenshot_report(index.parent)
         print(f"screenshots: {len(shots)} in {index.parent / 'screenshots'}")
-    failed = [r["name"] for r in results if r["status"] != "ok"]
-    print(
-        f"report: {index}  ({len(results) - len(failed)} ok, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''})"
-    )
+    return summarize(index)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m moe_routing.report [--only NN] [--param KEY=VALUE] ...``; exit 1 if a notebook failed,
+    2 (with ``moe-routing: error: ...``) on a bad option."""
+    from .cli import Parser
+
+    ap = Parser(prog="python -m moe_routing.report", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except MoERoutingError as exc:
+        print(f"moe-routing: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def summarize(index: Path) -> int:
+    """Print one line about the report at ``index``; 1 if a notebook failed, else 0 (the command's exit status)."""
+    n = len(json.loads((index.parent / "report.json").read_text(encoding="utf-8")))
+    failed = failed_notebooks(index)
+    print(f"report: {index}  ({n - len(failed)} ok, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''})")
     return 1 if failed else 0
 
 

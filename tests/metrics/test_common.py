@@ -85,3 +85,25 @@ def test_random_topk_is_distinct_uniform_and_chunk_free():
     assert np.allclose(freq, 1 / 8, atol=0.01)
     half = _random_topk((5000, 3), 8, 3, 0, (docs[5000:], pos[5000:]))
     assert np.array_equal(half, r[5000:])  # depends on (doc, position), not on the chunk
+
+
+def test_metrics_accept_the_reader_that_capture_corpus_returns(tmp_path, qwen3_moe, tokenizer):
+    """capture_corpus returns a TraceReader: every metric takes it as it takes the directory's path."""
+    import warnings
+
+    import moe_routing as mr
+    from moe_routing.pipeline import capture_corpus
+    from moe_routing.store import TraceReader
+
+    texts = ["The quick brown fox jumps.", "Der schnelle braune Fuchs.", "Le renard brun saute."] * 4
+    reader = capture_corpus(qwen3_moe, tokenizer, texts, tmp_path / "t",
+                            labels={"lang": ["en", "de", "fr"] * 4}, progress=False)
+    assert isinstance(reader, TraceReader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few tokens per language
+        for fn in (lambda t: mr.metrics.expert_load(t), lambda t: mr.metrics.label_nmi(t, "lang"),
+                   lambda t: mr.metrics.coactivation_summary(t), lambda t: mr.metrics.transitions(t)):
+            got, ref = fn(reader), fn(str(tmp_path / "t"))
+            assert got.equals(ref)
+    assert mr.metrics.read_all(reader).equals(reader.read())
+    assert C.read_all(reader, layers=[reader.layers[0]]).layers == (reader.layers[0],)

@@ -179,3 +179,54 @@ def test_js_bounds_symmetry_and_relabelling(seed, skew, e):
                                                                                    t.labels["lang"])))
     sw = mr.metrics.language_divergence(swapped, n_boot=0, n_shuffles=0)
     assert np.isclose(df[(df.a == "de") & (df.b == "ja")].js.to_numpy(), sw[(sw.a == "en") & (sw.b == "ja")].js.to_numpy()).all()
+
+
+def test_reference_divergence_on_zaya_logits_wider_than_the_experts():
+    """zaya's router scores E experts plus a skip class: the logits are E + 1 wide. The divergence is taken over
+    the experts (softmax over the first E columns, the distribution given the token is routed), not refused."""
+    import torch
+
+    import arch_configs as ac
+
+    model = ac.build(ac.ARCHS["zaya"])
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, ac.VOCAB, (6, 12), generator=g)
+    with torch.no_grad(), mr.capture(model, logits=True) as rec:
+        model(input_ids=ids)
+    t = rec.trace(labels={"lang": np.array(["en", "de", "ja"] * 2)})
+    assert t.router_logits.shape[2] == t.num_experts + 1
+    df = mr.metrics.reference_divergence(t, "lang", "en", source="logits", n_boot=10)
+    e = t.num_experts
+    q = {}
+    for d in np.unique(t.doc_ids):
+        x = t.router_logits[t.doc_ids == d][:, :, :e].astype(np.float64)
+        p = np.exp(x - x.max(axis=2, keepdims=True))
+        q[int(d)] = (p / p.sum(axis=2, keepdims=True)).mean(axis=0)
+    lang_of = {int(d): t.labels["lang"][t.doc_ids == d][0] for d in np.unique(t.doc_ids)}
+    mean = {lang: np.mean([q[d] for d in q if lang_of[d] == lang], axis=0) for lang in ("en", "de", "ja")}
+    assert len(df) == 3 * t.num_layers
+    for row in df.itertuples():
+        li = t.layer_index(row.layer)
+        assert row.divergence == pytest.approx(ent_div(mean[row.lang][li], mean["en"][li]), rel=1e-6, abs=1e-12)
+
+
+def test_reference_divergence_logits_padded_with_nan_for_a_narrower_layer():
+    """A layer with fewer router columns than the widest is NaN-padded: those columns have probability 0."""
+    t = make_trace(23, logits=True, skew=1.0, n_docs=9)
+    logits = t.router_logits.copy()
+    logits[:, 0, -1] = np.nan  # layer 0 scores only 7 of the 8 columns
+    padded = RoutingTrace.from_arrays(np.where(t.expert_ids == 7, 0, t.expert_ids), t.weights, layers=t.layers,
+                                      num_experts=8, labels=t.labels, token_ids=t.token_ids, doc_ids=t.doc_ids,
+                                      positions=t.positions, router_logits=logits)
+    df = mr.metrics.reference_divergence(padded, "lang", "en", source="logits", n_boot=0)
+    assert np.isfinite(df.divergence).all() and np.isfinite(df.entropy_norm).all()
+    narrower = make_trace(23, logits=True, skew=1.0, n_docs=9)
+    x = narrower.router_logits[:, :1, :7].astype(np.float64)
+    p = np.exp(x - x.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    en = narrower.labels["lang"] == "en"
+    de = narrower.labels["lang"] == "de"
+    q_en = np.mean([p[(narrower.doc_ids == d)].mean(axis=0)[0] for d in np.unique(narrower.doc_ids[en])], axis=0)
+    q_de = np.mean([p[(narrower.doc_ids == d)].mean(axis=0)[0] for d in np.unique(narrower.doc_ids[de])], axis=0)
+    row = df[(df.lang == "de") & (df.layer == t.layers[0])].iloc[0]
+    assert row.divergence == pytest.approx(ent_div(np.r_[q_de, 0.0], np.r_[q_en, 0.0]), rel=1e-6)

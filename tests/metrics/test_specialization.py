@@ -304,3 +304,64 @@ def test_vocabulary_per_token_top_expert(skewed):
         c = np.bincount(t1[skewed.token_ids == row.token_id, li], minlength=skewed.num_experts)
         assert row.top_expert == int(np.argmax(c)) and row.occurrences == c.sum()
         assert row.specialization == pytest.approx(c.max() / c.sum())
+
+
+# ---------------------------------------------------------------------------------------------- issue 14, item 10
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_coactivation_random_baseline_matches_simulated_random_routing_in_both_modes(k):
+    """Random routing with random weights: the mean off-diagonal P(E_j | E_i) is the stated ``random`` in the
+    all-pairs mode and in OLMoE's adjacent mode (where it is 2(k-1)/(k(E-1)), not (k-1)/(E-1))."""
+    rng = np.random.default_rng(k)
+    n, e = 20_000, 16
+    ids = np.argsort(rng.random((n, 2, e)), axis=2)[:, :, :k]
+    w = rng.random((n, 2, k)).astype(np.float32)
+    t = RoutingTrace.from_arrays(ids, w, num_experts=e)
+    off = ~np.eye(e, dtype=bool)
+    for mode in ("all", "adjacent"):
+        m = mr.metrics.coactivation_matrices(t, mode=mode)
+        simulated = m.values[:, off].mean()
+        assert m.attrs["random"] == pytest.approx(simulated, rel=0.02), mode
+        s = mr.metrics.coactivation_summary(t, mode=mode)
+        assert np.allclose(s.random, simulated, rtol=0.02), mode
+        assert s.random.iloc[0] == pytest.approx(mr.metrics.coactivation_random(e, k, mode))
+    assert mr.metrics.coactivation_random(e, k, "adjacent") == pytest.approx(2 * (k - 1) / (k * (e - 1)))
+    with pytest.raises(mr.errors.MetricError, match="mode"):
+        mr.metrics.coactivation_random(e, k, "pairs")
+
+
+def test_domain_specialization_token_share_has_its_baseline(skewed):
+    """token_share of uniformly spread routing is k/E: the frame carries that line as token_share_uniform."""
+    df = mr.metrics.domain_specialization(skewed, "domain")
+    assert (df.token_share_uniform == skewed.top_k / skewed.num_experts).all()
+    # the baseline is the mean of token_share over experts when every token has k distinct experts
+    assert np.allclose(df.groupby(["domain", "layer"]).token_share.mean(), df.token_share_uniform.iloc[0])
+    top1 = mr.metrics.domain_specialization(skewed, "domain", k=1)
+    assert (top1.token_share_uniform == 1 / skewed.num_experts).all()
+
+
+def test_vocabulary_specialization_olmoe_preset_has_no_occurrence_filter(skewed):
+    """preset="olmoe" = OLMoE's per-layer figure function (every token id); the default keeps ids seen >= 10 times."""
+    default = mr.metrics.vocabulary_specialization(skewed)
+    olmoe = mr.metrics.vocabulary_specialization(skewed, preset="olmoe")
+    for li, (d, o) in enumerate(zip(default.itertuples(), olmoe.itertuples(), strict=True)):
+        assert d.specialization == pytest.approx(olmoe_vocab(skewed, li, 1, 10, "input"))
+        assert o.specialization == pytest.approx(olmoe_vocab(skewed, li, 1, 1, "input"))
+    explicit = mr.metrics.vocabulary_specialization(skewed, preset="olmoe", min_count=10)
+    assert np.allclose(explicit.specialization, default.specialization)
+    with pytest.raises(mr.errors.MetricError, match="preset"):
+        mr.metrics.vocabulary_specialization(skewed, preset="paper")
+
+
+def test_vocabulary_presets_differ_where_rare_tokens_exist():
+    t = make_trace(3, n_docs=60, vocab=300)  # some token ids seen >= 10 times, many only a few times
+    default = mr.metrics.vocabulary_specialization(t, n_sim=0)
+    olmoe = mr.metrics.vocabulary_specialization(t, preset="olmoe", n_sim=0)
+    print("vocabulary specialization default vs olmoe:", default.specialization.round(3).tolist(),
+          olmoe.specialization.round(3).tolist())
+    assert (olmoe.token_ids > default.token_ids).all()
+    assert (olmoe.specialization > default.specialization).all()
+
+
+def test_coactivation_docstring_names_olmoes_function():
+    assert "do_coactivation_analysis" in mr.metrics.coactivation.__doc__
+    assert "do_correlation_analysis" not in mr.metrics.coactivation.__doc__

@@ -12,6 +12,7 @@ import pytest
 import xarray as xr
 
 import moe_routing as mr
+from moe_routing.store import TraceReader
 
 from .conftest import make_trace, split_by_docs, write_sharded
 
@@ -85,8 +86,10 @@ def test_streamed_equals_in_memory(name, big, trace_dir):
         whole = fn(big)
         chunked = fn(split_by_docs(big, 5))
         from_dir = fn(str(trace_dir))
+        from_reader = fn(TraceReader(trace_dir))  # what capture_corpus returns
     assert_same(whole, chunked)
     assert_same(whole, from_dir)
+    assert_same(whole, from_reader)
 
 
 def test_directory_really_has_several_shards(trace_dir, big):

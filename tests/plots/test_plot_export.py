@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from moe_routing.errors import PlotError, PlotInputError
 from moe_routing.plots import (
     BrowserNotFoundError,
     expert_load_heatmap,
@@ -22,9 +24,12 @@ MAGIC = {"png": b"\x89PNG", "svg": b"<svg", "pdf": b"%PDF"}
 
 
 def _browser() -> str:
+    """The browser; skip without one, except on CI (``CI=true``), where a missing browser is a failure."""
     try:
         return find_browser()
     except BrowserNotFoundError as exc:
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but the static-export checks cannot run: {exc}", pytrace=False)
         pytest.skip(str(exc))
 
 
@@ -50,9 +55,9 @@ def test_matplotlib_and_bad_format(tmp_path: Path) -> None:
     fig = expert_load_heatmap_static(load_frame(make_trace()))
     p = save_figure(fig, tmp_path / "sub" / "static.svg")
     assert b"<svg" in p.read_bytes()[:500]
-    with pytest.raises(ValueError, match="cannot export to 'gif'"):
+    with pytest.raises(PlotError, match="cannot export to 'gif'"):
         save_figure(fig, tmp_path / "x.gif")
-    with pytest.raises(TypeError):
+    with pytest.raises(PlotInputError):
         save_figure(object(), tmp_path / "x.png")
 
 
@@ -62,3 +67,16 @@ def test_missing_browser_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(export_mod, "_DEBIAN", ())
     with pytest.raises(BrowserNotFoundError, match="apt-get install -y chromium"):
         find_browser()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        _browser()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        _browser()
+
+
+def test_browser_not_found_error_lives_in_errors_and_the_old_names_still_work() -> None:
+    from moe_routing import errors, plots
+
+    assert errors.BrowserNotFoundError is plots.BrowserNotFoundError is export_mod.BrowserNotFoundError
+    assert issubclass(errors.BrowserNotFoundError, errors.MoERoutingError)

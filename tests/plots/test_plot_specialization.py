@@ -148,3 +148,37 @@ def test_sankey_all_experts_and_errors() -> None:
         top1_sankey(tr, layers=[3])
     with pytest.raises(TraceError, match="layer 8"):
         top1_sankey(tr, layers=[3, 8])
+
+
+def test_coactivation_heatmap_from_a_trace_directory_or_reader(trace: RoutingTrace, tmp_path) -> None:
+    """A saved trace (path or the TraceReader capture_corpus returns) draws the same heatmap as the trace."""
+    from moe_routing.store import TraceReader
+
+    trace.save(tmp_path / "t")
+    layer = trace.layers[-1]
+    ref = np.asarray(coactivation_heatmap(trace, layer).data[0].z, dtype=float)
+    for source in (str(tmp_path / "t"), TraceReader(tmp_path / "t")):
+        z = np.asarray(coactivation_heatmap(source, layer).data[0].z, dtype=float)
+        np.testing.assert_array_equal(z, ref)
+    with pytest.raises(TraceError, match="pass layer="):
+        coactivation_heatmap(TraceReader(tmp_path / "t"))
+
+
+def test_bad_plot_options_raise_project_errors(trace: RoutingTrace) -> None:
+    """Options a user gets wrong raise PlotError / PlotInputError (MoERoutingError), still ValueError / TypeError."""
+    from moe_routing.errors import MoERoutingError, PlotError, PlotInputError
+    from moe_routing.plots import expert_colors, nmi_by_layer
+    from moe_routing.plots._common import metric_frame, token_strings
+
+    cases = [
+        (PlotError, ValueError, lambda: label_usage_heatmap(trace, "lang", normalize="share")),
+        (PlotError, ValueError, lambda: top1_sankey(trace, top_n=0)),
+        (PlotError, ValueError, lambda: expert_colors(0)),
+        (PlotInputError, TypeError, lambda: nmi_by_layer(trace)),
+        (PlotInputError, TypeError, lambda: metric_frame(None, "label_usage")),
+        (PlotInputError, TypeError, lambda: token_strings(trace, tokenizer=object())),
+    ]
+    for kind, builtin, call in cases:
+        with pytest.raises(kind) as err:
+            call()
+        assert isinstance(err.value, MoERoutingError) and isinstance(err.value, builtin)

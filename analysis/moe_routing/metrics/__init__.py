@@ -28,8 +28,10 @@ from .load import (
 from .sequence import consecutive_same_expert, path_entropy, router_agreement, transition_summary, transitions
 from .specialization import (
     TOKEN_TYPES,
+    VOCABULARY_PRESETS,
     coactivation,
     coactivation_matrices,
+    coactivation_random,
     coactivation_summary,
     domain_specialization,
     label_nmi,
@@ -44,10 +46,12 @@ from .specialization import (
 
 __all__ = [
     "TOKEN_TYPES",
+    "VOCABULARY_PRESETS",
     "balance_stats",
     "capacity_drop",
     "coactivation",
     "coactivation_matrices",
+    "coactivation_random",
     "coactivation_summary",
     "consecutive_same_expert",
     "contrast",

@@ -1,9 +1,10 @@
 """Shared plumbing of ``moe_routing.metrics``: trace sources, chunk iteration, count primitives, hashing, stats.
 
 Every metric accepts a :class:`~moe_routing.trace.RoutingTrace`, a trace directory (``str`` / ``os.PathLike``,
-read shard by shard through ``moe_routing.store.TraceReader``) or a sequence of ``RoutingTrace`` chunks (treated
-like shards). Additive metrics fold over the chunks so memory stays bounded by one shard plus the accumulators.
-Documents never span shards, so sequence metrics may look at neighbouring tokens inside a chunk only.
+read shard by shard through ``moe_routing.store.TraceReader``), a ``TraceReader`` itself (what ``capture_corpus``
+returns) or a sequence of ``RoutingTrace`` chunks (treated like shards). Additive metrics fold over the chunks
+so memory stays bounded by one shard plus the accumulators. Documents never span shards, so sequence metrics may
+look at neighbouring tokens inside a chunk only.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from ..errors import MetricError, TraceError
 from ..trace import RoutingTrace
 
-TraceSource = Union[RoutingTrace, str, "os.PathLike[str]", Sequence[RoutingTrace]]
+if TYPE_CHECKING:
+    from ..store import TraceReader
+
+TraceSource = Union[RoutingTrace, "TraceReader", str, "os.PathLike[str]", Sequence[RoutingTrace]]
 Label = Union[str, Callable[[RoutingTrace], np.ndarray]]  # noqa: UP007
 
 #: A label value with fewer tokens than this makes a number too noisy to read: the metric warns.
@@ -31,13 +35,22 @@ BLOCK_DECISIONS = 1 << 17
 
 
 # ---------------------------------------------------------------------------------------------- sources
+def _reader(source: Any) -> TraceReader | None:
+    """The ``TraceReader`` of a source that is one or names a trace directory; None for in-memory sources."""
+    from ..store import TraceReader
+
+    if isinstance(source, TraceReader):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return TraceReader(source)
+    return None
+
+
 def _raw_chunks(source: TraceSource, layers: Sequence[int] | None) -> Iterator[RoutingTrace]:
     if isinstance(source, RoutingTrace):
         yield source if layers is None else source.select(layers=layers)
-    elif isinstance(source, (str, os.PathLike)):
-        from ..store import TraceReader
-
-        yield from TraceReader(source).iter_traces(layers=None if layers is None else list(layers))
+    elif (reader := _reader(source)) is not None:
+        yield from reader.iter_traces(layers=None if layers is None else list(layers))
     elif isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
         for chunk in source:
             if not isinstance(chunk, RoutingTrace):
@@ -45,7 +58,7 @@ def _raw_chunks(source: TraceSource, layers: Sequence[int] | None) -> Iterator[R
             yield chunk if layers is None else chunk.select(layers=layers)
     else:
         raise MetricError(
-            f"expected a RoutingTrace, a trace directory path or a list of RoutingTrace chunks, "
+            f"expected a RoutingTrace, a trace directory (path or TraceReader) or a list of RoutingTrace chunks, "
             f"got {type(source).__name__}."
         )
 
@@ -78,10 +91,8 @@ def read_all(source: TraceSource, *, layers: Sequence[int] | None = None) -> Rou
     """The whole trace in memory (for the metrics that need every token at once: probes, resampling)."""
     if isinstance(source, RoutingTrace):
         out = source if layers is None else source.select(layers=layers)
-    elif isinstance(source, (str, os.PathLike)):
-        from ..store import TraceReader
-
-        out = TraceReader(source).read(layers=None if layers is None else list(layers))
+    elif (reader := _reader(source)) is not None:
+        out = reader.read(layers=None if layers is None else list(layers))
     else:
         out = RoutingTrace.concat(list(chunks(source, layers=layers)))
     if out.num_tokens == 0:

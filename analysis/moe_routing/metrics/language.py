@@ -89,7 +89,10 @@ def _unit_distributions(chunk: RoutingTrace, source: str, codes: np.ndarray, n_u
         logits = chunk.router_logits
         assert logits is not None
         for sl in token_blocks(chunk.num_tokens, n_layers * e, 1 << 20):
-            x = logits[sl].astype(np.float64)
+            # columns past num_experts are no experts (zaya's skip class): the softmax over the experts is the
+            # router's distribution given the token is routed, as the "weights" and "counts" sources see it;
+            # NaN pads a layer narrower than the widest (probability 0)
+            x = np.nan_to_num(logits[sl, :, :e].astype(np.float64), nan=-np.inf)
             x -= x.max(axis=2, keepdims=True)
             np.exp(x, out=x)
             x /= x.sum(axis=2, keepdims=True)
@@ -157,8 +160,10 @@ def reference_divergence(
     parallel sentence, e.g. a FLORES sentence id), each document is compared with the reference document of the
     same pair and the divergences are averaged; without it, each language's mean distribution is compared with
     the reference's. Divergence = JS(q, q_ref) in bits divided by the mean entropy (bits) of q and q_ref
-    (``normalize="entropy"``; ``"none"``: plain JS). The paper's exact normaliser could not be checked here:
-    compare magnitudes across models with care; shapes over depth (U-shaped, lowest in middle layers) compare.
+    (``normalize="entropy"``; ``"none"``: plain JS). Router-logit columns past ``num_experts`` (zaya's skip
+    class) are left out: the distribution is over the experts, given the token is routed. The paper's exact
+    normaliser could not be checked here: compare magnitudes across models with care; shapes over depth
+    (U-shaped, lowest in middle layers) compare.
 
     Columns: ``<label>, layer, divergence, js, entropy_norm`` (mean normalised entropy H(q)/log E of the
     language's documents), ``ci_low, ci_high`` (bootstrap over pairs, or Poisson bootstrap over documents),

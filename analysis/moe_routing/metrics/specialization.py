@@ -44,8 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TOKEN_TYPES",
+    "VOCABULARY_PRESETS",
     "coactivation",
     "coactivation_matrices",
+    "coactivation_random",
     "coactivation_summary",
     "domain_specialization",
     "label_nmi",
@@ -97,12 +99,13 @@ def label_usage(trace: TraceSource, label: Label, *, top1: bool = False, k: int 
 def domain_specialization(trace: TraceSource, label: Label = "domain", *, k: int | None = None) -> pd.DataFrame:
     """OLMoE domain specialization (Muennighoff et al. 2024, Figs. 21-23) per domain, layer and expert.
 
-    Columns: ``<label>, layer, expert, specialization, token_share, purity, uniform, count, tokens`` with
-    ``specialization`` = the expert's routing slots for the domain / all slots of the domain (OLMoE's plotted
-    proportion; sums to 1 over experts; ``uniform`` = 1/E is the balanced baseline), ``token_share`` = share of
-    the domain's tokens that have the expert among their top-k (uniform: k/E), and ``purity`` = the domain's share
-    of the expert's slots (1 = the expert serves this domain only; baseline = the domain's share of all slots,
-    column ``purity_baseline``).
+    Columns: ``<label>, layer, expert, specialization, token_share, purity, purity_baseline, uniform,
+    token_share_uniform, count, tokens`` with ``specialization`` = the expert's routing slots for the domain /
+    all slots of the domain (OLMoE's plotted proportion; sums to 1 over experts; ``uniform`` = 1/E is the
+    balanced baseline), ``token_share`` = share of the domain's tokens that have the expert among their top-k
+    (= specialization x k, the quantity of OLMoE's v2 figure; baseline ``token_share_uniform`` = k/E, k the
+    slots counted), and ``purity`` = the domain's share of the expert's slots (1 = the expert serves this domain
+    only; baseline = the domain's share of all slots, column ``purity_baseline``).
     """
     counts = usage_counts(trace, label, k=k)
     name = label_name(label)
@@ -115,8 +118,9 @@ def domain_specialization(trace: TraceSource, label: Label = "domain", *, k: int
     df["purity"] = purity.ravel()
     df["purity_baseline"] = np.repeat(base.ravel(), c.shape[2])
     df["uniform"] = 1.0 / c.shape[2]
+    df["token_share_uniform"] = counts.attrs["top_k"] / c.shape[2]
     return df[[name, "layer", "expert", "specialization", "token_share", "purity", "purity_baseline", "uniform",
-               "count", "tokens"]]
+               "token_share_uniform", "count", "tokens"]]
 
 
 def _nmi_tables(tables: np.ndarray, n_shuffles: int, seed: int) -> dict[str, np.ndarray]:
@@ -224,15 +228,20 @@ def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return uniq, np.bincount(inv, weights=counts, minlength=len(uniq)).astype(np.int64)
 
 
+#: ``vocabulary_specialization`` presets: the keyword defaults each one sets.
+VOCABULARY_PRESETS: dict[str, dict[str, Any]] = {"default": {"min_count": 10}, "olmoe": {"min_count": 1}}
+
+
 def vocabulary_specialization(
     trace: TraceSource,
     *,
     k: int = 1,
-    min_count: int = 10,
+    min_count: int | None = None,
     target: str = "input",
     per_token: bool = False,
     n_sim: int = 20,
     seed: int = 0,
+    preset: str = "default",
 ) -> pd.DataFrame:
     """OLMoE vocabulary specialization: how consistently a token id goes to one expert.
 
@@ -241,11 +250,24 @@ def vocabulary_specialization(
     ``scripts/run_moe_analysis.py``). ``target="input"`` uses the token itself, ``"next"`` the gold next token
     of the same document, or the name of a label holding token ids (e.g. predicted next tokens).
 
+    Two definitions are in use: ``preset="default"`` keeps token ids seen at least 10 times (``min_count=10``,
+    as OLMoE's ``do_token_analysis_experts`` and the per-expert lists do; a token id seen once always scores
+    1.0, which would pull the mean up); ``preset="olmoe"`` keeps every token id (``min_count=1``), as OLMoE's
+    per-layer figure function ``do_token_analysis_layers_experts`` does. The same routing gives clearly higher
+    numbers under "olmoe" (rare token ids reach 1.0 by chance); compare with the paper's per-layer figures
+    under "olmoe". An explicit ``min_count`` overrides the preset.
+
     Returns per layer: ``layer, token_ids, specialization`` (mean over token ids), ``uniform`` (k/E),
     ``floor`` (expected value if tokens were routed independently of their identity with the layer's measured
     expert frequencies: Monte Carlo with ``n_sim`` draws per distinct occurrence count; approximate for k > 1).
     ``per_token=True`` returns ``layer, token_id, occurrences, top_expert, specialization`` instead.
     """
+    if preset not in VOCABULARY_PRESETS:
+        raise MetricError(f"preset must be one of {sorted(VOCABULARY_PRESETS)}, got {preset!r}.")
+    if min_count is None:
+        min_count = int(VOCABULARY_PRESETS[preset]["min_count"])
+    if min_count < 1:
+        raise MetricError(f"min_count must be at least 1, got {min_count}.")
     tables, (occ_keys, occ_counts), first = _token_expert_table(trace, k, target)
     e = first.num_experts
     kk = min(k, first.top_k)
@@ -507,6 +529,21 @@ def label_probe(
 
 
 # ---------------------------------------------------------------------------------------------- co-activation
+def coactivation_random(num_experts: int, top_k: int, mode: str = "all") -> float:
+    """P(E_j | E_i) off the diagonal when every token takes k distinct experts uniformly at random.
+
+    ``mode="all"``: each of i's slots has k - 1 partners spread over the E - 1 other experts, (k - 1) / (E - 1).
+    ``mode="adjacent"``: a slot has on average 2 (k - 1) / k rank-adjacent partners (the two ends one, the
+    others two), so 2 (k - 1) / (k (E - 1)).
+    """
+    _pair_slots(max(top_k, 1), mode)  # validates mode
+    if num_experts < 2 or top_k < 1:
+        return float("nan")
+    if mode == "all":
+        return (top_k - 1) / (num_experts - 1)
+    return 2 * (top_k - 1) / (top_k * (num_experts - 1))
+
+
 def _pair_slots(k: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     if mode == "all":
         i, j = np.triu_indices(k, 1)
@@ -571,9 +608,10 @@ def coactivation(trace: TraceSource, layer: int, *, mode: str = "all") -> np.nda
 
     count(i, j) = tokens whose top-k holds both i and j (``mode="all"``: all C(k, 2) pairs of a token's
     experts; ``mode="adjacent"``: only rank-adjacent pairs of the weight-sorted top-k, as OLMoE's
-    ``do_correlation_analysis`` counts them), count(i) = slots routed to i. Diagonal 0; the row of an expert
-    never chosen is 0 (nothing observed). Muennighoff et al. 2024, Fig. 25. Random routing baseline:
-    (k - 1) / (E - 1) off-diagonal in the all-pairs mode (each row then sums to k - 1).
+    ``do_coactivation_analysis`` in ``scripts/run_moe_analysis.py`` counts them), count(i) = slots routed to i.
+    Diagonal 0; the row of an expert never chosen is 0 (nothing observed). Muennighoff et al. 2024, Fig. 25.
+    Random routing baseline off the diagonal (:func:`coactivation_random`): (k - 1) / (E - 1) in the all-pairs
+    mode (each row then sums to k - 1), 2 (k - 1) / (k (E - 1)) in the adjacent mode.
     """
     if isinstance(trace, RoutingTrace):
         trace.layer_index(layer)
@@ -584,8 +622,9 @@ def coactivation(trace: TraceSource, layer: int, *, mode: str = "all") -> np.nda
 def coactivation_matrices(trace: TraceSource, *, mode: str = "all") -> xr.DataArray:
     """``coactivation`` for every MoE layer: DataArray ``(layer, expert, other)`` of P(other | expert).
 
-    ``attrs``: ``mode``, ``random`` ((k - 1) / (E - 1)) and ``chosen`` (``[layers, experts]`` slot counts, to
-    tell never-chosen experts' zero rows apart).
+    ``attrs``: ``mode``, ``random`` (P(other | expert) under uniformly random routing in this ``mode``:
+    :func:`coactivation_random`) and ``chosen`` (``[layers, experts]`` slot counts, to tell never-chosen
+    experts' zero rows apart).
     """
     import xarray as xr
 
@@ -593,7 +632,7 @@ def coactivation_matrices(trace: TraceSource, *, mode: str = "all") -> xr.DataAr
     e = first.num_experts
     return xr.DataArray(_conditional(pairs, single), dims=("layer", "expert", "other"),
                         coords={"layer": list(first.layers), "expert": np.arange(e), "other": np.arange(e)},
-                        attrs={"mode": mode, "random": (first.top_k - 1) / max(e - 1, 1), "chosen": single},
+                        attrs={"mode": mode, "random": coactivation_random(e, first.top_k, mode), "chosen": single},
                         name="p_coactivation")
 
 
@@ -601,7 +640,8 @@ def coactivation_summary(trace: TraceSource, *, mode: str = "all") -> pd.DataFra
     """Per layer: how strongly experts pair up. Columns ``layer, max_p, mean_max_p, random``.
 
     ``max_p`` = the largest P(E_j | E_i); ``mean_max_p`` = mean over chosen experts i of max_j P(E_j | E_i);
-    ``random`` = (k - 1) / (E - 1), P(E_j | E_i) under uniformly random routing (all-pairs mode).
+    ``random`` = P(E_j | E_i) under uniformly random routing in this ``mode`` (:func:`coactivation_random`):
+    (k - 1) / (E - 1) for all pairs, 2 (k - 1) / (k (E - 1)) for rank-adjacent pairs.
     """
     m = coactivation_matrices(trace, mode=mode)
     row_max = np.where(m.attrs["chosen"] > 0, m.values.max(axis=2), np.nan)

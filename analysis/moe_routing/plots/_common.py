@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import MetricError, TraceError
+from ..errors import MetricError, PlotInputError, TraceError
 from ..trace import RoutingTrace
 
 # ISO 639-1 (and a few 639-3) codes of the languages the demo corpus and common benchmarks use.
@@ -156,7 +156,7 @@ def _decode_ids(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
         return out
     if hasattr(tokenizer, "convert_ids_to_tokens"):
         return dict(zip(uniq, tokenizer.convert_ids_to_tokens(uniq), strict=True))
-    raise TypeError(f"tokenizer {type(tokenizer).__name__} has neither decode() nor convert_ids_to_tokens().")
+    raise PlotInputError(f"tokenizer {type(tokenizer).__name__} has neither decode() nor convert_ids_to_tokens().")
 
 
 def token_strings(trace: RoutingTrace, *, tokenizer: Any = None, tokens: TokenSource = None) -> list[str]:
@@ -237,6 +237,18 @@ def check_frame_layer(frame: pd.DataFrame, layer: int) -> None:
     frame_layers(frame, [layer])
 
 
+def is_trace_source(obj: Any) -> bool:
+    """Whether ``obj`` is something the metrics read routing from: a trace, a ``TraceReader``, a trace
+    directory path or a list of ``RoutingTrace`` chunks (not a computed frame or array)."""
+    import os
+
+    from ..store import TraceReader
+
+    if isinstance(obj, (RoutingTrace, TraceReader, str, os.PathLike)):
+        return True
+    return isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(x, RoutingTrace) for x in obj)
+
+
 def metric_frame(obj: Any, metric: str, **kwargs: Any) -> Any:
     """``obj`` itself if it is a frame; otherwise ``moe_routing.metrics.<metric>(obj, **kwargs)``.
 
@@ -245,7 +257,7 @@ def metric_frame(obj: Any, metric: str, **kwargs: Any) -> Any:
     if isinstance(obj, pd.DataFrame):
         return obj
     if obj is None:
-        raise TypeError(f"expected a RoutingTrace, a trace directory or a {metric}() frame, got None.")
+        raise PlotInputError(f"expected a RoutingTrace, a trace directory or a {metric}() frame, got None.")
     from .. import metrics
 
     fn = getattr(metrics, metric, None)

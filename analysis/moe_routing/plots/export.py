@@ -15,15 +15,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from ..errors import MoERoutingError
+from ..errors import BrowserNotFoundError, PlotError, PlotInputError
 
 FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 _DEBIAN = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-
-
-class BrowserNotFoundError(MoERoutingError, RuntimeError):
-    """No Chrome/Chromium for kaleido to render static images with."""
 
 
 def find_browser() -> str:
@@ -51,7 +47,7 @@ def _target(path: str | Path, format: str | None) -> tuple[Path, str]:
     path = Path(path)
     fmt = (format or path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
-        raise ValueError(
+        raise PlotError(
             f"cannot export to {fmt!r}; use one of {', '.join(FORMATS)} (from the path's suffix)."
         )
     if not path.suffix:
@@ -87,7 +83,7 @@ def save_figure(
     elif hasattr(fig, "savefig"):
         fig.savefig(path, format="jpeg" if fmt == "jpg" else fmt, dpi=100 * scale, bbox_inches="tight")
     else:
-        raise TypeError(f"save_figure takes a plotly or matplotlib Figure, got {type(fig).__name__}.")
+        raise PlotInputError(f"save_figure takes a plotly or matplotlib Figure, got {type(fig).__name__}.")
     return path
 
 

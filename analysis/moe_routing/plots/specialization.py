@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..errors import MetricError, TraceError
+from ..errors import MetricError, PlotError, PlotInputError, TraceError
 from ..trace import RoutingTrace
 from ._common import (
     category_axis,
     frame_layers,
+    is_trace_source,
     label_names,
     layer_positions,
     layer_slider,
@@ -61,7 +62,7 @@ def usage_matrices(
     n_exp = int(frame["expert"].max()) + 1
     column = {"label": "share", "lift": "lift", "count": "count"}.get(normalize)
     if column is None:
-        raise ValueError(f"normalize must be 'label', 'lift' or 'count', got {normalize!r}.")
+        raise PlotError(f"normalize must be 'label', 'lift' or 'count', got {normalize!r}.")
     if column == "lift" and "lift" not in frame.columns:
         overall = frame.groupby(["layer", "expert"])["count"].transform("sum")
         total = frame.groupby("layer")["count"].transform("sum")
@@ -198,7 +199,7 @@ def nmi_by_layer(
     """
     if not isinstance(nmi, pd.DataFrame):
         if label is None:
-            raise TypeError("nmi_by_layer(trace, label): name the label(s) to compute label_nmi for.")
+            raise PlotInputError("nmi_by_layer(trace, label): name the label(s) to compute label_nmi for.")
         names = [label] if isinstance(label, str) else list(label)
         nmi = pd.concat(
             [metric_frame(nmi, "label_nmi", label=n).assign(label=n) for n in names], ignore_index=True
@@ -285,10 +286,12 @@ def coactivation_heatmap(
     trace and ``layer`` to compute it. ``order="cluster"``
     reorders experts so that groups that fire together sit side by side (tick labels keep the expert ids).
     """
-    if isinstance(matrix, RoutingTrace):
+    if is_trace_source(matrix):
         if layer is None:
-            raise TraceError(f"pass layer= (a decoder-layer index; MoE layers are {list(matrix.layers)}).")
-        matrix.layer_index(layer)
+            layers = f"; MoE layers are {list(matrix.layers)}" if hasattr(matrix, "layers") else ""
+            raise TraceError(f"pass layer= (a decoder-layer index{layers}).")
+        if isinstance(matrix, RoutingTrace):
+            matrix.layer_index(layer)
         mat = np.asarray(metric_frame(matrix, "coactivation", layer=layer), dtype=np.float64)
     else:
         mat = np.asarray(matrix, dtype=np.float64)
@@ -336,7 +339,7 @@ def top1_sankey(
     if len(lpos) < 2:
         raise TraceError("a Sankey of layer-to-layer flow needs at least two MoE layers.")
     if top_n < 1:
-        raise ValueError(f"top_n must be at least 1, got {top_n}.")
+        raise PlotError(f"top_n must be at least 1, got {top_n}.")
     top1 = trace.top1()[:, lpos].astype(np.int64)
     labels: list[str] = []
     colors: list[str] = []

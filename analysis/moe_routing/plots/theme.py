@@ -13,6 +13,8 @@ from functools import lru_cache
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from ..errors import PlotError
+
 LIGHT = "moe_light"
 DARK = "moe_dark"
 
@@ -149,7 +151,7 @@ def _expert_colors(n: int) -> tuple[str, ...]:
 def expert_colors(num_experts: int) -> list[str]:
     """``num_experts`` distinct hex colours; colour ``i`` belongs to expert ``i`` (stable across figures)."""
     if num_experts <= 0:
-        raise ValueError(f"num_experts must be positive, got {num_experts}.")
+        raise PlotError(f"num_experts must be positive, got {num_experts}.")
     return list(_expert_colors(int(num_experts)))
 
 
