@@ -137,6 +137,32 @@ def read_facts(which: str = "trained") -> dict[str, Any]:
     return json.loads((demo_model_path(which) / FACTS_FILE).read_text(encoding="utf-8"))
 
 
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """SHA-256 of a saved model's tensors: names in sorted order, dtype, shape and raw bytes of each.
+
+    Independent of the safetensors header layout, so two directories hash alike exactly when every tensor is
+    bit-identical. ``demo_facts.json`` records it for both models (``weights_sha256``).
+    """
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: list[str]):
     """A byte-level BPE tokenizer (``VOCAB_SIZE`` tokens, pad and end-of-text specials) as PreTrainedTokenizerFast."""
@@ -240,6 +266,7 @@ def train_demo_model(
     steps: int = TRAIN_STEPS,
     seed: int = 0,
     threads: int | None = None,
+    deterministic: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the tokenizer and the tiny MoE; write ``out_dir/trained`` and ``out_dir/untrained``; return the facts.
@@ -255,7 +282,12 @@ def train_demo_model(
         steps: optimiser steps of ``BATCH_TOKENS`` padded tokens each.
         seed: model initialisation, data order and the demo corpus's held-out split.
         threads: torch threads while training (restored afterwards); default ``default_threads()``.
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` while training (restored
+            afterwards): kernels with a deterministic variant use it, the others warn instead of failing.
         progress: show a tqdm bar on stderr.
+
+    The facts record ``weights_sha256`` / ``untrained_weights_sha256`` (:func:`weights_sha256`) and
+    ``tokenizer_sha256``, so two caches can be compared without loading them.
     """
     import torch
     from tqdm.auto import tqdm
@@ -267,8 +299,11 @@ def train_demo_model(
     t_start = time.perf_counter()
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     prev_threads = torch.get_num_threads()
+    prev_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     n_threads = int(threads or default_threads())
     torch.set_num_threads(n_threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         random.seed(seed)
         np.random.seed(seed)
@@ -372,6 +407,7 @@ def train_demo_model(
             "heldout_loss": round(_mean_loss(model, held_seqs, pad_id), 4),
             "untrained_heldout_loss": round(untrained_heldout, 4),
             "threads": n_threads,
+            "deterministic_algorithms": bool(deterministic),
             "load_average_at_start": round(load_at_start, 2),
             "experts_implementation": EXPERTS_IMPLEMENTATION,
             "batch_tokens": BATCH_TOKENS,
@@ -388,6 +424,9 @@ def train_demo_model(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _save(model, tokenizer, out / "trained")
+        facts["weights_sha256"] = weights_sha256(out / "trained")
+        facts["untrained_weights_sha256"] = weights_sha256(out / "untrained")
+        facts["tokenizer_sha256"] = file_sha256(out / "trained" / "tokenizer.json")
         facts["total_seconds"] = round(time.perf_counter() - t_start, 1)
         for which in ("trained", "untrained"):
             text = json.dumps({**facts, "weights": which}, indent=2, ensure_ascii=False)
@@ -395,6 +434,7 @@ def train_demo_model(
         return facts
     finally:
         torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det[0], warn_only=prev_det[1])
 
 
 def default_threads() -> int:
