@@ -205,6 +205,26 @@ for v in variants:
 # queue.
 
 # %% [markdown]
+# ### Per sequence or per batch?
+#
+# Switch Transformer and GShard do not give each sequence its own capacity: an expert's capacity is set per
+# group of tokens from many sequences (Switch: the tokens of a batch on one core; GShard: a device's group).
+# `group="batch"` simulates that, with the batches of the capture (a trace directory records its batch size):
+# the mix of sequences evens the load out. `group="doc"` (above) is the pessimistic per-sequence bound.
+
+# %%
+grouping = pd.concat([mr.metrics.capacity_drop(paths[f"{v}/{LONG_PART}"], CAPACITY_FACTORS, group=g).assign(model=v)
+                      for v in variants for g in ("doc", "batch")], ignore_index=True)  # a directory: batch size
+by_group = grouping.groupby(["model", "group", "capacity_factor"])["drop_rate"].mean().unstack("capacity_factor")
+display(by_group.round(3))
+for v in variants:
+    d, b = by_group.loc[(v, "doc"), 1.0], by_group.loc[(v, "batch"), 1.0]
+    say(f"**{v}**: at capacity factor 1, {d:.0%} of the slots are dropped per sequence and {b:.0%} per batch",
+        f"of {int(grouping.loc[grouping['group'] == 'batch', 'groups'].iloc[0])} batch groups;",
+        "the per-batch number is the one that matches Switch Transformer and GShard." if b <= d else
+        "here batching does not help, so the imbalance is the same in every sequence.")
+
+# %% [markdown]
 # Because the queue is served in token order, the tokens that lose their slot are the late ones. At capacity
 # factor 1, per position bucket:
 

@@ -336,7 +336,7 @@ if "untrained" in consec:
 # ## A map of experts by language profile
 #
 # Every (layer, expert) is described by its lift over the languages (a column of the first heatmap, as log2,
-# floored at 1/16); PCA projects these 24-dimensional profiles to two dimensions and k-means groups them.
+# floored at 1/16); PCA projects these profiles (one dimension per language) to two dimensions and k-means groups them.
 # Points close together serve the same languages; each point is labelled with the language that prefers it
 # most (hover for the layer, the expert and its top three languages).
 
