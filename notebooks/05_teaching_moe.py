@@ -273,14 +273,14 @@ aux_end = logs[logs["step"] >= STEPS - 20].groupby("run")["aux_loss"].mean()
 aux_peak = band["aux_loss"]["mean"].groupby("run").max()
 say(f"Left: the language-model loss starts at {start:.2f}, near a uniform guess among {len(tokenizer)} tokens",
     f"(ln {len(tokenizer)} = {vocab_loss:.2f}), and ends (last 20 steps, mean of the seeds) at",
-    " and ".join(f"{end[r].mean():.2f} {r}" for r in end.columns) + ".",
+    " and ".join(f"{end[r].mean():.2f} ({r})" for r in end.columns) + ".",
     f"The balancing loss costs {fmt_ci(gap)} nats of training loss (aux minus no aux, mean over seeds,",
-    f"{CI:.0%} interval)", "- an interval above 0: the balancing loss has a price." if gap["low"] > 0 else
-    "- an interval that includes 0: no cost that the seeds can tell apart." if gap["high"] >= 0 else
-    "- below 0: here the balancing loss even helped.",
+    f"{CI:.0%} interval):", "above 0, so the balancing loss has a price." if gap["low"] > 0 else
+    "the interval includes 0, a cost the seeds cannot tell apart from none." if gap["high"] >= 0 else
+    "below 0, so here the balancing loss even helped.",
     f"Right: the auxiliary loss starts near its balanced value k = {model.config.num_experts_per_tok}; its seed-mean peaks at",
-    " and ".join(f"{aux_peak[r]:.2f} {r}" for r in aux_peak.index), "and ends at",
-    " and ".join(f"{aux_end[r]:.2f} {r}" for r in aux_end.index) + ".")
+    " and ".join(f"{aux_peak[r]:.2f} ({r})" for r in aux_peak.index), "and ends at",
+    " and ".join(f"{aux_end[r]:.2f} ({r})" for r in aux_end.index) + ".")
 
 # %% [markdown]
 # ## Watching the routing form
@@ -426,8 +426,9 @@ say(f"Over {len(seeds)} seeds, leaving the balancing loss out changes the held-o
     "Without it the held-out loss is higher.",
     f"In seed {SEED}'s run without it, the busiest expert ({worst['layer']}, expert {worst['expert']}) takes",
     f"{worst['share']:.0%} of its layer's slots, {worst['load_ratio']:.1f} times its fair share;",
-    f"{int(finals['dead experts'].sum())} experts are completely dead over all final models. In long runs without"
-    " balancing, experts that stop receiving tokens stop learning and rarely come back.")
+    (f"{int(finals['dead experts'].sum())} experts are completely dead over all final models."
+     if finals["dead experts"].sum() else "no expert is completely dead in any final model."),
+    "In long runs without balancing, experts that stop receiving tokens stop learning and rarely come back.")
 
 # %% [markdown]
 # **Capacity.** On a real system the experts of a layer sit on different GPUs, and a batch is only as fast
@@ -445,7 +446,7 @@ say(f"Over {len(seeds)} seeds, leaving the balancing loss out changes the held-o
 # %%
 drop = finals.groupby("run")["dropped at capacity 1.25"].mean()
 say("At a capacity factor of 1.25 the router would lose", " and ".join(
-    f"{d:.0%} of its slots {r}" for r, d in drop.items()) + f" (mean over {len(seeds)} seeds).")
+    f"{d:.0%} of its slots ({r})" for r, d in drop.items()) + f", mean over {len(seeds)} seeds.")
 
 # %% [markdown]
 # ## How many experts per token? top-k = 1, 2, 4

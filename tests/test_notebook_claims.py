@@ -107,8 +107,8 @@ def test_constants_are_used() -> None:
 
 
 # --------------------------------------------------------------------------------------------- executed
-def _executed_cells(source: Path, parameters: dict[str, str]) -> list[dict]:
-    run = execute_notebook(source, "python3", parameters)
+def _executed_cells(source: Path, kernel: str, parameters: dict[str, str]) -> list[dict]:  # noqa: F811
+    run = execute_notebook(source, kernel, parameters)
     require_ok(run, source)
     return json.loads(run.ipynb.read_text(encoding="utf-8"))["cells"]
 
@@ -118,7 +118,7 @@ def _executed_cells(source: Path, parameters: dict[str, str]) -> list[dict]:
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_markdown_numbers_are_shown(source: Path, runs_dir: Path, kernel: str) -> None:  # noqa: F811
     """On the demo defaults, every markdown number is in the notebook's outputs or a listed constant."""
-    missing = unbacked(source.stem, _executed_cells(source, {"RUNS": str(runs_dir)}))
+    missing = unbacked(source.stem, _executed_cells(source, kernel, {"RUNS": str(runs_dir)}))
     assert not missing, f"{source.name}: markdown numbers its outputs do not show:\n" + "\n".join(missing)
 
 
@@ -141,6 +141,12 @@ def test_claims_hold_on_a_second_model(source: Path, second_model: Path, kernel:
                                        tmp_path_factory: pytest.TempPathFactory) -> None:
     """MODEL = a differently trained model: the notebook runs, and its markdown numbers are still backed."""
     runs = tmp_path_factory.getbasetemp() / "second-model-runs"
-    cells = _executed_cells(source, {"MODEL": str(second_model), "RUNS": str(runs)})
+    cells = _executed_cells(source, kernel, {"MODEL": str(second_model), "RUNS": str(runs)})
     missing = unbacked(source.stem, cells)
     assert not missing, f"{source.name} on {second_model}: markdown numbers not shown:\n" + "\n".join(missing)
+    computed = [_text(out.get("data", {}).get("text/markdown", "")) for cell in cells for out in cell.get("outputs", [])]
+    lies = [text for text in computed if "untrained" in text]
+    assert not lies, f"{source.name}: sentences about an untrained twin that this model does not have: {lies}"
+    checks = re.findall(r"^(holds|does not hold for [^:]*): (.*)$", output_text(cells), flags=re.M)
+    if source.stem[:2] in ("02", "03", "04", "06"):  # notebooks with a check cell of headline claims
+        assert checks, f"{source.name}: the check cell reported no claim for {second_model}"
