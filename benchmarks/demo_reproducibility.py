@@ -109,14 +109,23 @@ def main(argv: list[str] | None = None) -> int:
                "--out", str(run_dir)] + (["--nodet"] if nodet else []) + (["--no-nmi"] if args.no_nmi else [])
         print(f"[repro] run {i}: OMP_NUM_THREADS={omp} threads={threads if threads != '0' else 'recipe'}"
               f"{' deterministic=False' if nodet else ''} steps={steps} {args.version}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"[repro]   run {i} ran past --timeout {args.timeout:.0f} s; left out", file=sys.stderr, flush=True)
+            continue
         if proc.returncode:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"run {i} failed with exit code {proc.returncode}")
+            print(f"[repro]   run {i} failed with exit code {proc.returncode}; left out", file=sys.stderr)
+            continue
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         rec["run"] = i
         records.append(rec)
         print(f"[repro]   {rec['seconds']} s, weights {rec['weights_sha256'][:16]}", file=sys.stderr, flush=True)
+        if args.json:  # after every run, so an interrupted measurement keeps what it has
+            Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    if not records:
+        raise SystemExit("no run finished")
 
     ref = records[0]
     ref_dir = Path(ref["cache"])

@@ -614,9 +614,13 @@ def conditional_label_mi(
     ``layer``, ``cmi_bits`` = sum_t p(t) I(label; expert | token = t) over the kept tokens;
     ``floor_bits, floor_sd_bits`` = the same after permuting the labels among the occurrences of each token id
     (mean and sd over ``n_shuffles``; keeps every stratum's margins: the value finite samples give when the
-    expert carries nothing about the label beyond the token); ``ci_low, ci_high`` = percentile interval of a
-    Poisson bootstrap over documents (``ci_unit = "documents"``; over tokens, ``"tokens"``, when the trace has a
-    single document), strata fixed; ``mi_label_token_bits`` = I(label; token), ``mi_label_expert_bits`` =
+    expert carries nothing about the label beyond the token); ``excess_bits`` = cmi_bits - floor_bits (the
+    number to compare across models: the plug-in bias grows with the strata's label x expert cells, so an
+    untrained router with spread-out experts shows a large raw value and a large floor);
+    ``ci_low, ci_high`` = percentile interval of a Poisson bootstrap over documents (``ci_unit = "documents"``;
+    over tokens, ``"tokens"``, when the trace has a single document), strata fixed, with the replicates centred
+    on the estimate (a resample thins the strata and adds plug-in bias of its own, which would push the whole
+    interval above the estimate); ``mi_label_token_bits`` = I(label; token), ``mi_label_expert_bits`` =
     I(label; expert) and ``h_label_bits`` = H(label), all over the same kept tokens (chain rule:
     I(label; token, expert) = mi_label_token_bits + cmi_bits); ``n_tokens`` (kept tokens), ``n_token_ids``
     (kept strata), ``n_tokens_total`` (tokens with a label, a given value and an expert at the layer).
@@ -666,7 +670,7 @@ def conditional_label_mi(
         n_tot = int(routed.sum())
         row: dict[str, Any] = {"layer": layer}
         if not m.any():
-            rows.append({**row, "cmi_bits": np.nan, "floor_bits": np.nan, "floor_sd_bits": np.nan,
+            rows.append({**row, "cmi_bits": np.nan, "floor_bits": np.nan, "floor_sd_bits": np.nan, "excess_bits": np.nan,
                          "ci_low": np.nan, "ci_high": np.nan, "ci_unit": unit, "mi_label_token_bits": np.nan,
                          "mi_label_expert_bits": np.nan, "h_label_bits": np.nan, "n_tokens": 0,
                          "n_token_ids": 0, "n_tokens_total": n_tot})
@@ -692,6 +696,8 @@ def conditional_label_mi(
             else:
                 w_all = poisson_weights(seed, np.flatnonzero(m), n_boot)
             boot = np.array([_cmi_nats(c_obs, s_obs, w) for w in w_all])
+            # resampling documents thins the strata and adds plug-in bias: centre the replicates on the estimate
+            boot = boot - (boot.mean() - cmi)
             lo, hi = (float(v[0]) for v in quantiles(boot[:, None], ci))
         h_label = float(entropy(np.bincount(lc)) / math.log(2))
         rows.append({
@@ -699,6 +705,7 @@ def conditional_label_mi(
             "cmi_bits": cmi / math.log(2),
             "floor_bits": float(np.mean(floors)) / math.log(2) if floors else np.nan,
             "floor_sd_bits": float(np.std(floors)) / math.log(2) if floors else np.nan,
+            "excess_bits": (cmi - float(np.mean(floors))) / math.log(2) if floors else np.nan,
             "ci_low": lo / math.log(2),
             "ci_high": hi / math.log(2),
             "ci_unit": unit,
