@@ -18,11 +18,14 @@ from .conftest import make_trace, split_by_docs, write_sharded
 
 
 def routed_trace(seed: int, router: str, *, n_docs: int = 60, vocab: int = 25, num_experts: int = 8,
-                 langs: tuple[str, ...] = ("en", "de", "fr"), top_k: int = 2) -> RoutingTrace:
+                 langs: tuple[str, ...] = ("en", "de", "fr"), top_k: int = 2, table_seed: int | None = None,
+                 noise: float = 0.0) -> RoutingTrace:
     """Languages sharing one vocabulary; first-choice expert from ``router``:
 
     ``"token"``: a fixed function of the token id; ``"token+lang"``: of the token id and the language;
     ``"random"``: independent of both. The second slot is a random other expert with a smaller weight.
+    ``table_seed`` fixes the token -> expert table across samples; ``noise``: share of first choices redrawn
+    at random.
     """
     rng = np.random.default_rng(seed)
     lens = rng.integers(10, 30, size=n_docs)
@@ -31,13 +34,16 @@ def routed_trace(seed: int, router: str, *, n_docs: int = 60, vocab: int = 25, n
     # languages prefer different parts of the shared vocabulary, so the token tells something about the language
     own = (lang_code * (vocab // len(langs)) + rng.integers(0, vocab // len(langs), size=n)) % vocab
     tok = np.where(rng.random(n) < 0.5, own, rng.integers(0, vocab, size=n))
-    table = rng.integers(0, num_experts, size=vocab)
+    table = np.random.default_rng(table_seed).integers(0, num_experts, size=vocab) if table_seed is not None \
+        else rng.integers(0, num_experts, size=vocab)
     if router == "token":
         first = table[tok]
     elif router == "token+lang":
         first = (table[tok] + lang_code) % num_experts
     else:
         first = rng.integers(0, num_experts, size=n)
+    if noise:
+        first = np.where(rng.random(n) < noise, rng.integers(0, num_experts, size=n), first)
     n_layers = 2
     first = np.stack([first, (first + 1) % num_experts], axis=1)  # layer 1 a relabelling of layer 0
     second = (first + rng.integers(1, num_experts, size=first.shape)) % num_experts
@@ -249,3 +255,17 @@ def test_expert_set_variable(e):
     for li, row in enumerate(df.itertuples()):
         pair = np.sort(t.expert_ids[:, li].astype(np.int64), axis=1)
         assert row.cmi_bits == pytest.approx(brute_force(t, li, expert=pair[:, 0] * 1000 + pair[:, 1])["cmi_bits"])
+
+
+def test_bootstrap_interval_is_centred_and_as_wide_as_the_sampling_spread():
+    """Independent samples of one routing process: their spread of cmi_bits is what the interval must show."""
+    kw = {"router": "token+lang", "table_seed": 99, "noise": 0.6, "n_docs": 80, "vocab": 40}
+    samples = [mr.metrics.conditional_label_mi(routed_trace(s, **kw), "lang", layers=[0], n_shuffles=0,
+                                               n_boot=0)["cmi_bits"].iloc[0] for s in range(40)]
+    one = mr.metrics.conditional_label_mi(routed_trace(1000, **kw), "lang", layers=[0], n_shuffles=4,
+                                          n_boot=300)
+    row = one.iloc[0]
+    assert row.ci_low <= row.cmi_bits <= row.ci_high  # centred: resampling bias does not push it off
+    width = row.ci_high - row.ci_low
+    assert 0.5 < width / (2 * 1.96 * np.std(samples)) < 2.0
+    assert row.excess_bits == pytest.approx(row.cmi_bits - row.floor_bits)

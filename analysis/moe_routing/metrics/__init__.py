@@ -82,6 +82,6 @@ __all__ = [
 ]
 
 # controls and uncertainty for the notebooks' claims (issue 10)
-from .language import conditional_label_mi
+from .language import conditional_label_mi, language_usage
 
-__all__ += ["conditional_label_mi"]
+__all__ += ["conditional_label_mi", "language_usage"]

@@ -37,7 +37,11 @@ from ._common import (
 )
 from .load import usage_counts
 
-__all__ = ["conditional_label_mi", "language_divergence", "language_experts", "reference_divergence", "top_expert_overlap"]
+#: A coloured cell built from fewer routing slots than this is marked ``too_few`` (plots can mask it).
+MIN_CELL_SLOTS = 20
+
+__all__ = ["conditional_label_mi", "language_divergence", "language_experts", "language_usage", "reference_divergence",
+           "top_expert_overlap"]
 
 
 def language_divergence(
@@ -50,6 +54,7 @@ def language_divergence(
     n_shuffles: int = 5,
     ci: float = 0.95,
     seed: int = 0,
+    min_count: int = MIN_CELL_SLOTS,
 ) -> pd.DataFrame:
     """Jensen-Shannon divergence between the expert-usage distributions of every pair of languages, per layer.
 
@@ -57,7 +62,9 @@ def language_divergence(
     ``scipy.spatial.distance.jensenshannon(p, q, base=2)``), ``floor`` (the same after shuffling the label
     between the two languages' routing slots, from the margins: the divergence finite samples show without any
     language effect; exact per token with ``top1=True``), ``ci_low, ci_high`` (Poisson bootstrap over
-    documents, ``n_boot`` replicates; memory values x n_boot x layers x experts x 8 bytes).
+    documents, ``n_boot`` replicates; memory values x n_boot x layers x experts x 8 bytes), ``slots_a, slots_b``
+    (routing slots of each language in the layer), ``tokens_a, tokens_b``, ``too_few`` (either language has
+    fewer than ``min_count`` slots: mask the cell, its divergence is mostly sampling noise).
     """
     values, counts, boot, tokens, first = grouped_counts_boot(trace, label, k=k, top1=top1, n_boot=n_boot, seed=seed)
     warn_small(label_name(label), values, tokens)
@@ -76,9 +83,12 @@ def language_divergence(
                     t = permutation_tables(np.stack([counts[i, li], counts[j, li]]).astype(np.int64), rng)
                     draws[s, li] = js_divergence(t[0], t[1])
             floor = draws.mean(axis=0)
+        slots_i, slots_j = counts[i].sum(axis=1), counts[j].sum(axis=1)  # [L]
         for li, layer in enumerate(first.layers):
             rows.append({"layer": layer, "a": values[i], "b": values[j], "js": js[li], "floor": floor[li],
-                         "ci_low": lo[li], "ci_high": hi[li]})
+                         "ci_low": lo[li], "ci_high": hi[li], "slots_a": int(slots_i[li]),
+                         "slots_b": int(slots_j[li]), "tokens_a": int(tokens[i]), "tokens_b": int(tokens[j]),
+                         "too_few": bool(min(slots_i[li], slots_j[li]) < min_count)})
     return pd.DataFrame(rows)
 
 
@@ -341,6 +351,24 @@ def top_expert_overlap(
     return pd.DataFrame(rows)
 
 
+def _boot_tokens(trace: TraceSource, label: Label, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values [V], float64 [V, n_boot]): tokens per label value in each Poisson replicate over documents
+    (the same weights as ``grouped_counts_boot`` with this seed)."""
+    from ._common import BootstrapCounts, label_codes
+
+    def init(chunk: RoutingTrace) -> dict:
+        return {"acc": GroupedAccumulator((n_boot,), np.float64)}
+
+    def update(state: dict, chunk: RoutingTrace) -> None:
+        codes, values = label_codes(chunk, label)
+        bc = BootstrapCounts(len(values), n_boot, seed)
+        bc.add(chunk.doc_ids, codes)
+        state["acc"].add(values, bc.boot.T)
+
+    state, _ = fold(trace, init, update)
+    return state["acc"].result()
+
+
 def language_experts(
     trace: TraceSource,
     label: Label = "lang",
@@ -348,6 +376,10 @@ def language_experts(
     threshold: float = 0.1,
     shared_min: float | None = None,
     k: int | None = None,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    min_count: int = MIN_CELL_SLOTS,
 ) -> pd.DataFrame:
     """Language-specific and shared experts per layer, from frequency differences (Bandarkar et al. 2025).
 
@@ -357,35 +389,125 @@ def language_experts(
     *other*. Columns: ``layer, expert, kind, <label>`` (the language, for specific experts), ``margin``
     (freq difference to the runner-up language), ``min_freq, max_freq``.
     Baseline: language-blind routing gives no specific expert beyond sampling noise.
+
+    Uncertainty (Poisson bootstrap over documents, ``n_boot`` replicates, seeded): ``top`` (the language with
+    the highest frequency, for every kind), ``count`` (its slots on the expert), ``tokens`` (its tokens),
+    ``margin_ci_low, margin_ci_high`` (interval of freq_top - max over the others, with ``top`` held fixed),
+    ``stability`` (share of replicates that give the same kind, and for a specific expert the same language)
+    and ``too_few`` (``count`` < ``min_count``: a "specific" expert resting on a handful of slots).
     """
-    counts = usage_counts(trace, label, k=k)
-    values = counts.coords["value"].values
-    warn_small(label_name(label), values, counts.attrs["tokens"])
+    values, counts, boot, tokens, _first = grouped_counts_boot(trace, label, k=k, n_boot=n_boot, seed=seed)
+    warn_small(label_name(label), values, tokens)
     if len(values) < 2:
         raise MetricError(f"label {label_name(label)!r} has a single value here; comparing languages needs two.")
-    tokens = np.asarray(counts.attrs["tokens"], dtype=np.float64)
-    freq = counts.values / tokens[:, None, None]  # [V, L, E]
+    layer_values = np.asarray(list(_first.layers))
+    top_k = _first.top_k if k is None else min(k, _first.top_k)
+    tok = np.asarray(tokens, dtype=np.float64)
+    freq = counts / tok[:, None, None]  # [V, L, E]
     e = freq.shape[2]
-    smin = counts.attrs["top_k"] / e if shared_min is None else shared_min
-    order = np.sort(freq, axis=0)
-    top, runner, low = order[-1], order[-2], order[0]
-    best = np.argmax(freq, axis=0)
-    margin = top - runner
-    kind = np.where(margin >= threshold, "specific",
-                    np.where((low >= smin) & (top - low < threshold), "shared", "other"))
+    smin = top_k / e if shared_min is None else shared_min
+
+    def classify(f: np.ndarray) -> tuple[np.ndarray, ...]:
+        order = np.sort(f, axis=0)
+        top, runner, low = order[-1], order[-2], order[0]
+        margin = top - runner
+        kind = np.where(margin >= threshold, "specific",
+                        np.where((low >= smin) & (top - low < threshold), "shared", "other"))
+        return kind, np.argmax(f, axis=0), margin, low, top
+
+    kind, best, margin, low, top = classify(freq)
     n_layers = freq.shape[1]
     name = label_name(label)
+    best_count = np.take_along_axis(counts, best[None], axis=0)[0]  # [L, E]
     df = pd.DataFrame({
-        "layer": np.repeat(counts.coords["layer"].values, e),
+        "layer": np.repeat(layer_values, e),
         "expert": np.tile(np.arange(e), n_layers),
         "kind": kind.ravel(),
         name: np.where(kind == "specific", values[best].astype(object), None).ravel(),
         "margin": margin.ravel(),
         "min_freq": low.ravel(),
         "max_freq": top.ravel(),
+        "top": values[best].astype(object).ravel(),
+        "count": best_count.ravel().astype(np.int64),
+        "tokens": tok[best].ravel().astype(np.int64),
     })
+    lo = hi = stability = np.full(n_layers * e, np.nan)
+    if n_boot:
+        bvals, btok = _boot_tokens(trace, label, n_boot, seed)
+        assert bvals.tolist() == values.tolist()
+        fb = safe_div(boot, btok[:, :, None, None]).transpose(1, 0, 2, 3)  # [B, V, L, E]
+        fb = np.nan_to_num(fb, nan=0.0)
+        fixed = np.take_along_axis(fb, best[None, None], axis=1)[:, 0]  # [B, L, E]
+        others = np.where(np.arange(len(values))[None, :, None, None] == best[None, None], -np.inf, fb).max(axis=1)
+        lo, hi = (x.ravel() for x in quantiles(fixed - others, ci))
+        same = np.zeros((n_layers, e))
+        for b in range(n_boot):  # a loop over replicates; each is vectorised over layers and experts
+            kb, bb, _, _, _ = classify(fb[b])
+            same += (kb == kind) & ((kind != "specific") | (bb == best))
+        stability = (same / n_boot).ravel()
+    df["margin_ci_low"], df["margin_ci_high"] = lo, hi
+    df["stability"] = stability
+    df["too_few"] = df["count"].to_numpy() < min_count
     return df
 
+
+def language_usage(
+    trace: TraceSource,
+    label: Label = "lang",
+    *,
+    top1: bool = False,
+    k: int | None = None,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    min_count: int = MIN_CELL_SLOTS,
+) -> pd.DataFrame:
+    """``label_usage`` (expert usage and lift per language, layer and expert) with counts and intervals per cell.
+
+    The columns of ``label_usage`` (``<label>, layer, expert, count, share, token_share, lift, tokens``; lift =
+    the expert's share of the language's slots / its share over all languages), plus ``slots`` (the language's
+    slots in the layer), ``expected`` (slots the cell would get without preference: slots x overall share),
+    ``lift_ci_low, lift_ci_high`` and ``share_ci_low, share_ci_high`` (Poisson bootstrap over documents,
+    ``n_boot`` replicates, seeded) and ``too_few``: fewer than ``min_count`` slots both observed and expected,
+    so the lift rests on a handful of slots (a lift of 2.6 from 3 slots); a cell that expects many slots but
+    gets none is a reliable 0 and is not marked. A frame that ``language_usage_heatmap`` reads as it is.
+    """
+    values, counts, boot, tokens, first = grouped_counts_boot(trace, label, k=1 if top1 else k, n_boot=n_boot,
+                                                              seed=seed)
+    warn_small(label_name(label), values, tokens)
+    c = counts.astype(np.float64)  # [V, L, E]
+    nv, n_layers, e = c.shape
+    slots = c.sum(axis=2, keepdims=True)
+    share = safe_div(c, slots)
+    overall = c.sum(axis=0)
+    overall_share = safe_div(overall, overall.sum(axis=1, keepdims=True))  # [L, E]
+    expected = slots * overall_share[None]
+    tok = np.asarray(tokens, dtype=np.float64)
+    df = pd.DataFrame({
+        label_name(label): np.repeat(values, n_layers * e),
+        "layer": np.tile(np.repeat(np.asarray(list(first.layers)), e), nv),
+        "expert": np.tile(np.arange(e), nv * n_layers),
+        "count": np.rint(counts).astype(np.int64).ravel(),
+        "share": share.ravel(),
+        "token_share": safe_div(c, tok[:, None, None]).ravel(),
+        "lift": safe_div(share, overall_share[None]).ravel(),
+        "tokens": np.repeat(tok.astype(np.int64), n_layers * e),
+        "slots": np.repeat(slots[:, :, 0].ravel().astype(np.int64), e),
+        "expected": expected.ravel(),
+    })
+    nan = np.full(nv * n_layers * e, np.nan)
+    lift_lo = lift_hi = share_lo = share_hi = nan
+    if n_boot:
+        b = boot.transpose(1, 0, 2, 3)  # [B, V, L, E]
+        share_b = safe_div(b, b.sum(axis=3, keepdims=True))
+        over_b = b.sum(axis=1)
+        lift_b = safe_div(share_b, safe_div(over_b, over_b.sum(axis=2, keepdims=True))[:, None])
+        lift_lo, lift_hi = (x.ravel() for x in quantiles(lift_b, ci))
+        share_lo, share_hi = (x.ravel() for x in quantiles(share_b, ci))
+    df["lift_ci_low"], df["lift_ci_high"] = lift_lo, lift_hi
+    df["share_ci_low"], df["share_ci_high"] = share_lo, share_hi
+    df["too_few"] = (df["count"].to_numpy() < min_count) & (df["expected"].to_numpy() < min_count)
+    return df
 
 
 # ---------------------------------------------------------------------------------------------- token control
@@ -492,9 +614,13 @@ def conditional_label_mi(
     ``layer``, ``cmi_bits`` = sum_t p(t) I(label; expert | token = t) over the kept tokens;
     ``floor_bits, floor_sd_bits`` = the same after permuting the labels among the occurrences of each token id
     (mean and sd over ``n_shuffles``; keeps every stratum's margins: the value finite samples give when the
-    expert carries nothing about the label beyond the token); ``ci_low, ci_high`` = percentile interval of a
-    Poisson bootstrap over documents (``ci_unit = "documents"``; over tokens, ``"tokens"``, when the trace has a
-    single document), strata fixed; ``mi_label_token_bits`` = I(label; token), ``mi_label_expert_bits`` =
+    expert carries nothing about the label beyond the token); ``excess_bits`` = cmi_bits - floor_bits (the
+    number to compare across models: the plug-in bias grows with the strata's label x expert cells, so an
+    untrained router with spread-out experts shows a large raw value and a large floor);
+    ``ci_low, ci_high`` = percentile interval of a Poisson bootstrap over documents (``ci_unit = "documents"``;
+    over tokens, ``"tokens"``, when the trace has a single document), strata fixed, with the replicates centred
+    on the estimate (a resample thins the strata and adds plug-in bias of its own, which would push the whole
+    interval above the estimate); ``mi_label_token_bits`` = I(label; token), ``mi_label_expert_bits`` =
     I(label; expert) and ``h_label_bits`` = H(label), all over the same kept tokens (chain rule:
     I(label; token, expert) = mi_label_token_bits + cmi_bits); ``n_tokens`` (kept tokens), ``n_token_ids``
     (kept strata), ``n_tokens_total`` (tokens with a label, a given value and an expert at the layer).
@@ -544,7 +670,7 @@ def conditional_label_mi(
         n_tot = int(routed.sum())
         row: dict[str, Any] = {"layer": layer}
         if not m.any():
-            rows.append({**row, "cmi_bits": np.nan, "floor_bits": np.nan, "floor_sd_bits": np.nan,
+            rows.append({**row, "cmi_bits": np.nan, "floor_bits": np.nan, "floor_sd_bits": np.nan, "excess_bits": np.nan,
                          "ci_low": np.nan, "ci_high": np.nan, "ci_unit": unit, "mi_label_token_bits": np.nan,
                          "mi_label_expert_bits": np.nan, "h_label_bits": np.nan, "n_tokens": 0,
                          "n_token_ids": 0, "n_tokens_total": n_tot})
@@ -570,6 +696,8 @@ def conditional_label_mi(
             else:
                 w_all = poisson_weights(seed, np.flatnonzero(m), n_boot)
             boot = np.array([_cmi_nats(c_obs, s_obs, w) for w in w_all])
+            # resampling documents thins the strata and adds plug-in bias: centre the replicates on the estimate
+            boot = boot - (boot.mean() - cmi)
             lo, hi = (float(v[0]) for v in quantiles(boot[:, None], ci))
         h_label = float(entropy(np.bincount(lc)) / math.log(2))
         rows.append({
@@ -577,6 +705,7 @@ def conditional_label_mi(
             "cmi_bits": cmi / math.log(2),
             "floor_bits": float(np.mean(floors)) / math.log(2) if floors else np.nan,
             "floor_sd_bits": float(np.std(floors)) / math.log(2) if floors else np.nan,
+            "excess_bits": (cmi - float(np.mean(floors))) / math.log(2) if floors else np.nan,
             "ci_low": lo / math.log(2),
             "ci_high": hi / math.log(2),
             "ci_unit": unit,

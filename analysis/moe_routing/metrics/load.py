@@ -619,14 +619,69 @@ def greedy_placement(load: np.ndarray, num_devices: int, *, balanced: bool = Tru
     return out
 
 
-def expert_placement(trace: TraceSource, num_devices: int, *, balanced: bool = True) -> pd.DataFrame:
+def _device_balance(load: np.ndarray, placement: np.ndarray, num_devices: int) -> tuple[float, float]:
+    """(max_over_mean, balancedness) of the device loads of ``placement`` (``[experts]`` device ids)."""
+    dev = np.bincount(placement, weights=load, minlength=num_devices)
+    mean = load.sum() / num_devices
+    return float(safe_div(dev.max(), mean)), float(safe_div(mean, dev.max()))
+
+
+def expert_placement(trace: TraceSource, num_devices: int, *, balanced: bool = True, holdout: bool = False,
+                     seed: int = 0) -> pd.DataFrame:
     """What-if: place each layer's experts on ``num_devices`` devices from the measured load (expert parallelism).
 
     Columns: ``layer, devices, max_over_mean_contiguous`` (experts 0..E/G-1 on device 0 and so on, the default
     sharding), ``max_over_mean_greedy`` (after ``greedy_placement``), ``balancedness_contiguous`` and
     ``balancedness_greedy`` (mean / max device load, SGLang's measure), ``gain`` (contiguous max / greedy max).
     Baseline: perfectly balanced devices give max_over_mean 1.
+
+    ``holdout=True`` asks whether the placement carries over to new traffic: documents are split in two halves
+    at random (hashed from (``seed``, doc id), so streamed and in-memory runs agree), the greedy placement is
+    fitted on the ``fit`` half and scored on the ``heldout`` half. Columns then: ``layer, devices``,
+    ``max_over_mean_in_sample`` (greedy, fitted and scored on the fit half: the optimistic number),
+    ``max_over_mean_heldout`` (the fit half's placement on the held-out half: what a deployment would see),
+    ``max_over_mean_oracle`` (the held-out half's own greedy placement: the best possible there),
+    ``max_over_mean_contiguous`` (contiguous sharding on the held-out half), the matching ``balancedness_*``,
+    ``gain_heldout`` (contiguous / heldout max) and ``fit_tokens, heldout_tokens``.
     """
+    if not holdout:
+        return _placement_in_sample(trace, num_devices, balanced)
+
+    def half(chunk: RoutingTrace) -> np.ndarray:
+        return np.where(hash_uniform(seed, chunk.doc_ids) < 0.5, "fit", "heldout")
+
+    counts = usage_counts(trace, half)
+    halves = counts.coords["value"].values.tolist()
+    if halves != ["fit", "heldout"]:
+        raise MetricError(f"holdout=True needs documents in both halves, but all fell into {halves}: the trace "
+                          "has too few documents (a single one?); use holdout=False.")
+    c_fit, c_held = counts.values.astype(np.float64)  # [L, E] each
+    e = c_fit.shape[1]
+    if num_devices <= 0 or num_devices > e:
+        raise MetricError(f"num_devices must be between 1 and num_experts ({e}), got {num_devices}.")
+    contiguous = np.minimum(np.arange(e) * num_devices // e, num_devices - 1)
+    tokens = counts.attrs["tokens"]
+    rows = []
+    for li, layer in enumerate(counts.coords["layer"].values.tolist()):
+        fitted = greedy_placement(c_fit[li], num_devices, balanced=balanced)
+        ins = _device_balance(c_fit[li], fitted, num_devices)
+        held = _device_balance(c_held[li], fitted, num_devices)
+        oracle = _device_balance(c_held[li], greedy_placement(c_held[li], num_devices, balanced=balanced),
+                                 num_devices)
+        contig = _device_balance(c_held[li], contiguous, num_devices)
+        rows.append({
+            "layer": layer, "devices": num_devices,
+            "max_over_mean_in_sample": ins[0], "max_over_mean_heldout": held[0],
+            "max_over_mean_oracle": oracle[0], "max_over_mean_contiguous": contig[0],
+            "balancedness_in_sample": ins[1], "balancedness_heldout": held[1],
+            "balancedness_oracle": oracle[1], "balancedness_contiguous": contig[1],
+            "gain_heldout": float(safe_div(contig[0], held[0])),
+            "fit_tokens": int(tokens[0]), "heldout_tokens": int(tokens[1]),
+        })
+    return pd.DataFrame(rows)
+
+
+def _placement_in_sample(trace: TraceSource, num_devices: int, balanced: bool) -> pd.DataFrame:
     counts = usage_counts(trace)
     c_all = counts.values.astype(np.float64)
     e = c_all.shape[1]
