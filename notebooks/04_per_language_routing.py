@@ -35,7 +35,6 @@ REFERENCE = "en"  # the reference language of the divergence over depth
 PARALLEL_LANGS = ["en", "de", "ja"]  # the token view of one parallel sentence
 PROBE_TOKENS = 12_000  # tokens the language probe trains and tests on (whole documents)
 N_BOOT = 100  # bootstrap replicates for confidence intervals
-MIN_SLOTS = 30  # lifts from fewer routed slots than this are left out of the computed sentences
 PROSE_PART = "udhr"  # on the demo corpus: UDHR prose paragraphs, shown beside the UI-string results (None: skip)
 
 # %%
@@ -103,29 +102,36 @@ say(f"The `{part}` texts have a median of {words[part].median():g} words ({doc_t
 # Rows are languages (Latin script first, then by writing system), columns experts, one heatmap per layer
 # (slider). Colour is the lift: the expert's share of the language's routing slots divided by its share over
 # all languages. 1 (white) is no preference, red means the language uses the expert more than average, blue
-# less; the scale stops at 4 (hover for the exact value).
+# less; the scale stops at 4 (hover for the exact value). Cells whose lift rests on a handful of slots (fewer
+# than `language_usage`'s minimum both observed and expected, the `too_few` column) are left blank, as are
+# experts a layer never chose; every lift also has a bootstrap interval over sentences (`lift_ci_low`,
+# `lift_ci_high`).
 
 # %%
-mp.language_usage_heatmap(trace, languages=order,
-                          title=f"Expert preference by language (lift) · {name} model · {part}")
+usage = mr.metrics.language_usage(trace, "lang")
+masked = usage.assign(lift=usage["lift"].where(~usage["too_few"]))
+mp.language_usage_heatmap(masked, languages=order,
+                          title=f"Expert preference by language (lift; blank: too few slots) · {name} model · {part}")
 
 # %%
-usage = mr.metrics.label_usage(trace, "lang")
-best = usage[usage["count"] >= MIN_SLOTS].groupby(["lang", "layer"])["lift"].max().unstack()  # [languages, layers]
+solid = usage[~usage["too_few"]]
+best = solid.groupby(["lang", "layer"])["lift"].max().unstack()  # [languages, layers]
 latin = [lang for lang in langs if scripts[lang] == "Latin"]
 own = [lang for lang in langs if scripts[lang] != "Latin"]
 last = trace.layers[-1]
-strongest = best[last].sort_values(ascending=False).head(4)
 dead = mr.metrics.expert_load(trace).query("dead")
-say(f"Each language's strongest preference per layer (the highest lift of an expert with at least {MIN_SLOTS}",
-    "of its slots):",
+best_cell = solid.loc[solid.groupby(["lang", "layer"])["lift"].idxmax()]
+strongest = best_cell[best_cell["layer"] == last].nlargest(4, "lift")
+say(f"{int(usage['too_few'].sum())} of {len(usage)} (language, layer, expert) cells rest on too few slots and are",
+    "blank. Each language's strongest preference per layer (the highest lift among the other cells):",
     f"for the {len(own)} languages written in other scripts than Latin, a median of"
     f" {np.nanmedian(best.loc[own]):.1f} (from {np.nanmin(best.loc[own]):.1f} to {np.nanmax(best.loc[own]):.1f});"
     if own else "",
     f"for the {len(latin)} Latin-script languages, a median of {np.nanmedian(best.loc[latin]):.1f} (up to"
     f" {np.nanmax(best.loc[latin]):.1f})." if latin else "",
     f"In layer {last} the strongest preferences belong to",
-    ", ".join(f"{mp.language_name(lang)} ({li:.1f})" for lang, li in strongest.items()) + ".",
+    ", ".join(f"{mp.language_name(r.lang)} (expert {r.expert}: {r.lift:.1f}, interval {r.lift_ci_low:.1f}-"
+              f"{r.lift_ci_high:.1f}, {r.count} slots)" for r in strongest.itertuples()) + ".",
     ("Blank columns are experts no token of this set reaches: " + "; ".join(
         f"layer {la}: expert {', '.join(map(str, g['expert']))}" for la, g in dead.groupby("layer")) + ".")
     if len(dead) else "Every expert is reached in every layer.")
@@ -307,7 +313,7 @@ if prose:
 # %%
 cmi = pd.concat([mr.metrics.conditional_label_mi(t, "lang", given="token_id", n_boot=N_BOOT).assign(model=v)
                  for v, t in traces.items()], ignore_index=True)
-cmi["beyond_floor_bits"] = cmi["cmi_bits"] - cmi["floor_bits"]
+cmi["beyond_floor_bits"] = cmi["excess_bits"]  # cmi_bits - floor_bits
 cmi["clears_floor"] = cmi["beyond_floor_bits"] > 3 * cmi["floor_sd_bits"]  # beyond three floor SDs
 nmi_ci = pd.concat([mr.metrics.label_nmi(t, "lang", n_boot=N_BOOT).assign(model=v) for v, t in traces.items()],
                    ignore_index=True)
