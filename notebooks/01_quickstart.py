@@ -47,6 +47,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import torch
+from IPython.display import Markdown, display
 from transformers.utils import logging as hf_logging
 
 import moe_routing as mr
@@ -116,15 +117,16 @@ mp.router_heatmap(trace_logits, doc_id=0, layer=layer, tokenizer=tokenizer)
 # %%
 probs, _ = mp.router_probabilities(trace_logits, layer)
 top = np.sort(probs, axis=1)[:, ::-1]
-print(f"layer {layer}: mean probability of the top-1 expert {top[:, 0].mean():.2f}, "
-      f"of the top-{trace.top_k} together {top[:, :trace.top_k].sum(axis=1).mean():.2f}; "
-      f"uniform would give {1 / trace.num_experts:.3f} per expert")
+top1, kept = top[:, 0].mean(), top[:, :trace.top_k].sum(axis=1).mean()
+display(Markdown(
+    f"In layer {layer} the top-1 expert gets a mean probability of {top1:.2f}, {top1 * trace.num_experts:.1f} times "
+    f"the 1/E = {1 / trace.num_experts:.3f} of a uniform router, and the top-{trace.top_k} together {kept:.2f}: "
+    + ("most of the probability mass lies on the experts that were *not* kept." if kept < 0.5 else
+       "most of the probability mass lies on the kept experts.")))
 
 # %% [markdown]
-# The router is far from uniform (each token has one or two clearly preferred experts, several times the
-# 1/E of a uniform router), yet not one-hot: on the demo model most of the probability mass still lies on
-# the experts that were *not* kept. The top-k weights the experts' outputs are multiplied with are the kept
-# probabilities renormalised to sum to 1 (`norm_topk_prob`).
+# The top-k weights the experts' outputs are multiplied with are the kept probabilities, renormalised to sum
+# to 1 when the model's config says so (`norm_topk_prob`).
 
 # %% [markdown]
 # ## A tidy frame
@@ -139,9 +141,11 @@ frame.head()
 # %%
 frame.groupby(["layer", "expert"]).size().unstack(fill_value=0)
 
-# %% [markdown]
-# Routed slots per layer and expert: even seven short prompts reach most experts of every layer, but
-# unevenly. How uneven, and what it costs, is the subject of notebook 02.
+# %%
+reached = (frame.groupby(["layer", "expert"]).size().unstack(fill_value=0) > 0).sum(axis=1)
+display(Markdown(f"Routed slots per layer and expert: {len(PROMPTS)} short prompts reach "
+                 f"{reached.min()}-{reached.max()} of the {trace.num_experts} experts of a layer, unevenly. How "
+                 "uneven, and what it costs, is the subject of notebook 02."))
 
 # %% [markdown]
 # ## Save, load, and query the shards
@@ -172,9 +176,13 @@ duckdb.sql(f"""
     GROUP BY prompt ORDER BY prompt
 """).df()
 
-# %% [markdown]
-# The favourite first-slot expert changes with the prompt's language: a first glimpse of the language
-# specialization that notebook 03 measures on thousands of texts.
+# %%
+favourites = duckdb.sql(f"""
+    SELECT prompt, mode(expert_ids[{last}][1]) AS favourite FROM read_parquet('{shards}') GROUP BY prompt
+""").df()["favourite"]
+display(Markdown(f"The {len(favourites)} prompts (one per language) have {favourites.nunique()} different favourite "
+                 "first-slot experts" + (": a first glimpse of the language specialization that notebook 03 "
+                                         "measures on thousands of texts." if favourites.nunique() > 1 else ".")))
 
 # %% [markdown]
 # ## Check: padding never leaks into the trace

@@ -50,13 +50,26 @@ from dataclasses import replace
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 import numpy as np
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 from transformers import AutoTokenizer
 
 import moe_routing as mr
 import moe_routing.plots as mp
 from moe_routing.demo_pipeline import demo_runs, model_variants
 from moe_routing.models import resolve_model_path
+
+
+def say(*parts: str) -> None:
+    """A sentence computed from the data, shown as markdown."""
+    display(Markdown(" ".join(parts)))
+
+
+def span(values, fmt: str = ".2f") -> str:
+    """'a-b' over the values (or 'a' when both ends agree at this precision)."""
+    values = pd.Series(values)
+    lo, hi = f"{values.min():{fmt}}", f"{values.max():{fmt}}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
 
 mp.use_theme()
 part = "heldout" if CORPUS == "demo" else CORPUS
@@ -100,14 +113,21 @@ effects = langs.loc[langs["significant"], ["layer", "expert", "share_a", "share_
                                            "ci_high", "cohens_h", "log2_ratio"]]
 effects.reindex(effects["cohens_h"].abs().sort_values(ascending=False).index).head(8).round(3)
 
+# %%
+sig = langs[langs["significant"]]
+big_ratio = sig[sig["log2_ratio"].abs() > 1]
+say(f"{len(sig)} of {len(langs)} (layer, expert) intervals exclude 0.",
+    (f"The largest difference is {100 * sig['diff'].abs().max():.1f} percentage points of share and the largest"
+     f" |Cohen's h| "
+     f"{sig['cohens_h'].abs().max():.2f}" + (" (0.2 counts as a small effect): the effects are small." if
+     sig["cohens_h"].abs().max() < 0.2 else " (0.2 counts as a small effect).")) if len(sig) else "",
+    (f"{len(big_ratio)} of them differ by more than a factor of two (|log2 ratio| > 1), at shares of at most"
+     f" {big_ratio[['share_a', 'share_b']].max().max():.1%}." if len(big_ratio) else ""))
+
 # %% [markdown]
-# Some experts differ reliably between German and French, but the effects are small: differences of a few
-# percentage points of share, Cohen's h of 0.15 or less (0.2 counts as a small effect). Two rare experts show
-# the largest ratios (log2 ratio above 1) on tiny shares.
-#
-# Is 13 significant experts of 64 a finding or what 64 intervals give by chance? The null contrast below
-# splits the *German* sentences into two halves by document id and compares them the same way: any
-# significant expert there is a false positive.
+# Is that count a finding or what so many intervals give by chance? The null contrast below splits the
+# *German* sentences into two halves by document id and compares them the same way: any significant expert
+# there is a false positive.
 
 # %%
 def halves(chunk: mr.RoutingTrace) -> np.ndarray:
@@ -129,12 +149,22 @@ mp.divergence_over_depth(summary, value="js", color="contrast", floor="floor", l
 summary.pivot(index="layer", columns="contrast", values=["js", "floor", "n_significant"]).swaplevel(
     axis=1).sort_index(axis=1, level=0, sort_remaining=False).round(4)
 
+# %%
+pair = summary[summary["contrast"] == f"{lang_a} vs {lang_b}"].set_index("layer")
+nul = summary[summary["contrast"] != f"{lang_a} vs {lang_b}"].set_index("layer")
+times = pair["js"] / pair["floor"]
+n_null_sig = int(null["significant"].sum())
+say(f"{lang_a} vs {lang_b} is {span(times)} times its shuffled floor over the layers (most in layer",
+    f"{times.idxmax()}, least in layer {times.idxmin()});",
+    f"above it in {(times > 1).sum()} of {len(times)} layers.",
+    f"The null contrast is {span(nul['js'] / nul['floor'])} times its floor, and {n_null_sig} of its {len(null)}",
+    "intervals exclude 0" + (": the intervals are not too narrow, and the differences above are real."
+                             if n_null_sig < max(len(sig), 1) / 2 else
+                             ", as many as or more than half the real contrast's: read those with care."))
+
 # %% [markdown]
-# German vs French stays above its shuffled floor in every layer, most in layers 0 and 1 (about 7-10 times
-# the floor), least in layer 2, which routes the two languages almost alike. The null contrast sits on its
-# floor, and none of its 64 intervals excludes 0: the intervals are not too narrow, and the German-French
-# differences are real, if small. (The bootstrap interval of a divergence lies above the divergence itself
-# when it is near 0: resampling can only add apparent difference. Read the point value against the floor.)
+# The bootstrap interval of a divergence lies above the divergence itself when it is near 0: resampling can
+# only add apparent difference. Read the point value against the floor.
 
 # %% [markdown]
 # ## (b) Two checkpoints: trained vs untrained weights
@@ -162,10 +192,14 @@ else:
     display(fig)
     display(agreement.round(3))
 
-# %% [markdown]
-# Training rewired the routers: the untrained and trained models share 13-14% of their top-2 choices and
-# 6-8% of their first choices, barely above the 12.5% and 6.25% of two unrelated random routers. Whatever
-# the untrained router did with each token id, the trained router does something else.
+# %%
+if agreement is not None:
+    lift = agreement["agreement"] / agreement["random"]
+    say(f"The {other_name} and {name} routers share {span(agreement['agreement'], '.1%')} of their",
+        f"top-{trace.top_k} choices and {span(agreement['top1'], '.1%')} of their first choices over the layers,",
+        f"against {agreement['random'].iloc[0]:.2%} and {agreement['random_top1'].iloc[0]:.2%} for two unrelated",
+        f"random routers ({span(lift, '.1f')} times random).",
+        "Whatever the one router did with each token id, the other does something else." if lift.max() < 2 else "")
 
 # %%
 if other is not None:
@@ -175,12 +209,19 @@ if other is not None:
     print("experts whose share changed (95% CI excludes 0), per layer:",
           weights.groupby("layer")["significant"].sum().to_dict())
 
+# %%
+if other is not None:
+    moved = weights.groupby("layer")["significant"].sum()
+    up, down = weights.loc[weights["diff"].idxmax()], weights.loc[weights["diff"].idxmin()]
+    say(f"{span(moved, '.0f')} of the {trace.num_experts} experts per layer receive a clearly different share.",
+        f"The largest gain: expert {up.expert} of layer {up.layer}, from {up.share_b:.1%} of the slots",
+        f"({other_name}) to {up.share_a:.1%} ({name}); the largest loss: expert {down.expert} of layer {down.layer},",
+        f"from {down.share_b:.1%} to {down.share_a:.1%}.")
+
 # %% [markdown]
-# The load moved too: 13-15 of the 16 experts per layer receive a clearly different share after training.
-# Expert 0 of layer 2 went from 8% to 24% of the slots, while experts 11 and 13 of the same layer went from
-# 7% to almost nothing. The pairing matters here: both traces hold the same documents, so each
-# bootstrap replicate resamples the same sentences on both sides and the intervals measure the effect of the
-# weights, not of which sentences were drawn.
+# The pairing matters here: both traces hold the same documents, so each bootstrap replicate resamples the same
+# sentences on both sides and the intervals measure the effect of the weights, not of which sentences were
+# drawn.
 
 # %% [markdown]
 # ## (c) Qwen3: thinking vs non-thinking mode
@@ -265,14 +306,20 @@ if thinking is not None:
 # overlap is closer to the random baseline than to 1 in every layer.
 
 # %%
+def check(holds: bool, claim: str) -> None:
+    """Assert a headline claim on the demo; for another MODEL, say whether it holds."""
+    assert holds or "untrained" not in variants, f"does not hold on the demo: {claim}"
+    print(("holds: " if holds else f"does not hold for {MODEL}: ") + claim)
+
+
 n_sig, n_null = int(langs["significant"].sum()), int(null["significant"].sum())
 lang_rows = summary[summary["contrast"] == f"{lang_a} vs {lang_b}"]
-assert n_sig > max(n_null, 0), f"{lang_a}/{lang_b}: {n_sig} significant experts, null contrast {n_null}"
-assert (lang_rows["js"] > 2 * lang_rows["floor"]).any(), lang_rows
-print(f"(a) {n_sig} of {len(langs)} experts differ between {lang_a} and {lang_b} (null: {n_null}); "
-      f"JS up to {lang_rows['js'].max():.4f} vs floor {lang_rows['floor'].max():.4f}")
+check(n_sig > n_null, f"(a) {n_sig} of {len(langs)} experts differ between {lang_a} and {lang_b}, more than the "
+      f"null contrast's {n_null}")
+check(bool((lang_rows["js"] > 2 * lang_rows["floor"]).any()),
+      f"(a) the divergence ({lang_rows['js'].max():.4f} at most) clears twice its floor in at least one layer")
 if agreement is not None:
     midway = (1 + agreement["random"]) / 2
-    assert (agreement["agreement"] < midway).all(), agreement
-    print(f"(b) top-{trace.top_k} agreement {agreement['agreement'].min():.3f}-{agreement['agreement'].max():.3f}, "
+    check(bool((agreement["agreement"] < midway).all()),
+          f"(b) top-{trace.top_k} agreement {agreement['agreement'].min():.3f}-{agreement['agreement'].max():.3f} is "
           f"below the midway {midway.iloc[0]:.3f} between random ({agreement['random'].iloc[0]:.3f}) and 1")

@@ -5,14 +5,21 @@ captured once per trace directory; a session fixture makes sure they exist befor
 hands the same ``RUNS`` directory to every notebook. ``RUNS`` defaults to the repository's ``runs/`` (gitignored,
 shared with ``make demo``, so later sessions reuse it); set ``MOE_ROUTING_TEST_RUNS`` to use another directory.
 ``MOE_ROUTING_NOTEBOOK_TIMEOUT`` (seconds, default 600) bounds each notebook.
+
+Each (notebook, parameters) pair is executed once per session (``execute_notebook``); ``test_notebook_claims.py``
+reads the same executed notebooks.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,6 +54,38 @@ def kernel() -> str:
     return "python3"
 
 
+@dataclass(frozen=True)
+class Executed:
+    """One executed notebook: its run result, the executed ``.ipynb`` and the wall-clock seconds."""
+
+    result: object  # moe_routing.report.NotebookResult
+    ipynb: Path
+    seconds: float
+
+
+_EXECUTED: dict[tuple[str, tuple[tuple[str, str], ...]], Executed] = {}
+
+
+def execute_notebook(source: Path, kernel: str, parameters: dict[str, str]) -> Executed:
+    """Run ``source`` with ``parameters`` (once per session: later calls return the same executed notebook)."""
+    from moe_routing.report import run_notebook
+
+    key = (str(source), tuple(sorted(parameters.items())))
+    if key not in _EXECUTED:
+        out = Path(tempfile.mkdtemp(prefix=f"nb-{source.stem}-"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+        start = time.perf_counter()
+        result = run_notebook(source, out, parameters=parameters, kernel=kernel, timeout=TIMEOUT)
+        _EXECUTED[key] = Executed(result, out / f"{source.stem}.ipynb", time.perf_counter() - start)
+    return _EXECUTED[key]
+
+
+def require_ok(run: Executed, source: Path) -> None:
+    """Fail with the first failing cell's source and traceback unless the notebook ran to the end."""
+    if run.result.status != "ok":
+        pytest.fail(f"{source.name} failed: {run.result.error}\n{failing_cell(run.ipynb)}", pytrace=False)
+
+
 def failing_cell(ipynb: Path) -> str:
     """Source and traceback of the first cell with an error output in an executed notebook ('' if none)."""
     if not ipynb.exists():
@@ -67,15 +106,9 @@ def test_notebooks_found() -> None:
 
 @pytest.mark.timeout(TIMEOUT + 120, func_only=True)  # the session fixture may capture for minutes
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(source: Path, runs_dir: Path, kernel: str, tmp_path: Path) -> None:
+def test_notebook_runs(source: Path, runs_dir: Path, kernel: str) -> None:
     """The notebook runs top to bottom with its defaults (on the demo model) within the time limit."""
-    from moe_routing.report import run_notebook
-
-    start = time.perf_counter()
-    result = run_notebook(source, tmp_path, parameters={"RUNS": str(runs_dir)}, kernel=kernel, timeout=TIMEOUT)
-    seconds = time.perf_counter() - start
-    if result.status != "ok":
-        pytest.fail(f"{source.name} failed: {result.error}\n{failing_cell(tmp_path / f'{source.stem}.ipynb')}",
-                    pytrace=False)
-    assert seconds <= TIMEOUT, f"{source.name} took {seconds:.0f} s, over the {TIMEOUT:.0f} s limit"
-    assert (tmp_path / f"{source.stem}.html").exists(), "the executed notebook was not rendered to HTML"
+    run = execute_notebook(source, kernel, {"RUNS": str(runs_dir)})
+    require_ok(run, source)
+    assert run.seconds <= TIMEOUT, f"{source.name} took {run.seconds:.0f} s, over the {TIMEOUT:.0f} s limit"
+    assert run.ipynb.with_suffix(".html").exists(), "the executed notebook was not rendered to HTML"

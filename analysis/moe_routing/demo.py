@@ -2,7 +2,8 @@
 
 ``demo_model_path("trained")`` returns a directory that ``from_pretrained`` reads (config, safetensors weights,
 tokenizer); the first call trains the model (about 3 minutes on 2 CPU cores) and caches it under
-``$MOE_ROUTING_CACHE/demo-v1`` (default ``~/.cache/moe_routing/demo-v1``)::
+``$MOE_ROUTING_CACHE/<version>`` (default ``~/.cache/moe_routing/demo-v1``; ``MOE_ROUTING_DEMO_VERSION=demo-v2``
+selects the reproducible recipe, see ``RECIPES``)::
 
     demo-v1/
       trained/     config.json, model.safetensors, tokenizer files, demo_facts.json
@@ -75,6 +76,18 @@ THREADS = 2
 EXPERTS_IMPLEMENTATION = "grouped_mm"
 DEFAULT_SECONDS = 200.0
 
+#: How each cache version sets the training threads, the wall-clock cap and torch's deterministic mode
+#: (``threads=None``: ``default_threads()``, i.e. from the machine's load). Same steps, data and seed in both.
+#: ``demo-v1``: the original recipe; its weights depend on the load (1 or 2 threads) and, when the 200 s cap
+#: binds, on the machine's speed. ``demo-v2``: reproducible: always 1 training thread whatever
+#: ``OMP_NUM_THREADS`` says (1 and 2 threads give different weights: measured by
+#: ``benchmarks/demo_reproducibility.py``), a cap that binds only on a stalled machine, deterministic kernels.
+#: ``MOE_ROUTING_DEMO_VERSION`` selects one (default ``DEMO_VERSION``); each has its own cache directory.
+RECIPES: dict[str, dict[str, Any]] = {
+    "demo-v1": {"threads": None, "seconds": DEFAULT_SECONDS, "deterministic": False},
+    "demo-v2": {"threads": 1, "seconds": 3600.0, "deterministic": True},
+}
+
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", FACTS_FILE)
 
 
@@ -85,8 +98,19 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moe_routing"
 
 
+def demo_version() -> str:
+    """The cache version in use: ``$MOE_ROUTING_DEMO_VERSION`` or ``DEMO_VERSION`` (a key of ``RECIPES``)."""
+    version = os.environ.get("MOE_ROUTING_DEMO_VERSION") or DEMO_VERSION
+    if version not in RECIPES:
+        from .errors import MoERoutingError
+
+        raise MoERoutingError(f"MOE_ROUTING_DEMO_VERSION={version!r} is not a demo recipe; use one of "
+                              f"{sorted(RECIPES)} (or unset it for {DEMO_VERSION}).")
+    return version
+
+
 def demo_cache_dir() -> Path:
-    return cache_root() / DEMO_VERSION
+    return cache_root() / demo_version()
 
 
 def _complete(root: Path) -> bool:
@@ -135,6 +159,32 @@ def _build_cache(root: Path, *, replace: bool) -> None:
 def read_facts(which: str = "trained") -> dict[str, Any]:
     """The training facts of the cached demo model (trains it first when absent)."""
     return json.loads((demo_model_path(which) / FACTS_FILE).read_text(encoding="utf-8"))
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """SHA-256 of a saved model's tensors: names in sorted order, dtype, shape and raw bytes of each.
+
+    Independent of the safetensors header layout, so two directories hash alike exactly when every tensor is
+    bit-identical. ``demo_facts.json`` records it for both models (``weights_sha256``).
+    """
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -236,11 +286,13 @@ def _versions() -> dict[str, str]:
 def train_demo_model(
     out_dir: str | os.PathLike,
     *,
-    seconds: float = DEFAULT_SECONDS,
+    seconds: float | None = None,
     steps: int = TRAIN_STEPS,
     seed: int = 0,
     threads: int | None = None,
+    deterministic: bool | None = None,
     progress: bool = True,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """Train the tokenizer and the tiny MoE; write ``out_dir/trained`` and ``out_dir/untrained``; return the facts.
 
@@ -251,11 +303,20 @@ def train_demo_model(
 
     Args:
         out_dir: created if needed; receives ``trained/`` and ``untrained/`` (weights, tokenizer, facts JSON).
-        seconds: wall-clock cap of the training loop (tokenizer, evaluation and saving come on top, ~15-30 s).
+        seconds: wall-clock cap of the training loop (tokenizer, evaluation and saving come on top, ~15-30 s);
+            default: the recipe's (``RECIPES[version]``).
         steps: optimiser steps of ``BATCH_TOKENS`` padded tokens each.
         seed: model initialisation, data order and the demo corpus's held-out split.
-        threads: torch threads while training (restored afterwards); default ``default_threads()``.
+        threads: torch threads while training (restored afterwards); default: the recipe's (demo-v1:
+            ``default_threads()``, demo-v2: 1). Different thread counts give different weights.
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` while training (restored
+            afterwards): kernels with a deterministic variant use it, the others warn instead of failing;
+            default: the recipe's (measured on CPU: the same weights either way).
         progress: show a tqdm bar on stderr.
+        version: the recipe (a key of ``RECIPES``), default ``demo_version()``; recorded in the facts.
+
+    The facts record ``weights_sha256`` / ``untrained_weights_sha256`` (:func:`weights_sha256`) and
+    ``tokenizer_sha256``, so two caches can be compared without loading them.
     """
     import torch
     from tqdm.auto import tqdm
@@ -266,9 +327,17 @@ def train_demo_model(
     out = Path(out_dir)
     t_start = time.perf_counter()
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    version = version or demo_version()
+    recipe = RECIPES[version]
+    seconds = float(recipe["seconds"] if seconds is None else seconds)
+    deterministic = bool(recipe["deterministic"] if deterministic is None else deterministic)
+    threads = threads or recipe["threads"]
     prev_threads = torch.get_num_threads()
+    prev_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     n_threads = int(threads or default_threads())
     torch.set_num_threads(n_threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         random.seed(seed)
         np.random.seed(seed)
@@ -351,11 +420,15 @@ def train_demo_model(
                 bar.set_postfix(loss=f"{np.mean(recent):.3f}", aux=f"{np.mean(aux_recent):.3f}")
         bar.close()
         train_seconds = time.perf_counter() - t_train
+        if stopped_by == "time":
+            print(f"moe_routing: demo training stopped by the {seconds:.0f} s clock after {step} of {steps} steps: "
+                  "these weights depend on this machine's speed (see demo_facts.json 'stopped_by').",
+                  file=sys.stderr, flush=True)
 
         model.eval()
         facts: dict[str, Any] = {
             "model_id": DEMO_MODEL_ID,
-            "version": DEMO_VERSION,
+            "version": version,
             "seed": seed,
             "steps": step,
             "max_steps": steps,
@@ -372,6 +445,8 @@ def train_demo_model(
             "heldout_loss": round(_mean_loss(model, held_seqs, pad_id), 4),
             "untrained_heldout_loss": round(untrained_heldout, 4),
             "threads": n_threads,
+            "deterministic_algorithms": bool(deterministic),
+            "recipe": dict(recipe),
             "load_average_at_start": round(load_at_start, 2),
             "experts_implementation": EXPERTS_IMPLEMENTATION,
             "batch_tokens": BATCH_TOKENS,
@@ -388,6 +463,9 @@ def train_demo_model(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _save(model, tokenizer, out / "trained")
+        facts["weights_sha256"] = weights_sha256(out / "trained")
+        facts["untrained_weights_sha256"] = weights_sha256(out / "untrained")
+        facts["tokenizer_sha256"] = file_sha256(out / "trained" / "tokenizer.json")
         facts["total_seconds"] = round(time.perf_counter() - t_start, 1)
         for which in ("trained", "untrained"):
             text = json.dumps({**facts, "weights": which}, indent=2, ensure_ascii=False)
@@ -395,6 +473,7 @@ def train_demo_model(
         return facts
     finally:
         torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det[0], warn_only=prev_det[1])
 
 
 def default_threads() -> int:

@@ -84,3 +84,8 @@ __all__ = [
     "usage_counts",
     "vocabulary_specialization",
 ]
+
+# controls and uncertainty for the notebooks' claims (issue 10)
+from .language import conditional_label_mi, language_usage
+
+__all__ += ["conditional_label_mi", "language_usage"]

@@ -20,6 +20,7 @@ from ._common import (
     GroupedAccumulator,
     Label,
     TraceSource,
+    chunks,
     entropy,
     factorize,
     fold,
@@ -28,6 +29,7 @@ from ._common import (
     label_name,
     label_of,
     permutation_tables,
+    poisson_weights,
     quantiles,
     safe_div,
     token_blocks,
@@ -35,7 +37,11 @@ from ._common import (
 )
 from .load import usage_counts
 
-__all__ = ["language_divergence", "language_experts", "reference_divergence", "top_expert_overlap"]
+#: A coloured cell built from fewer routing slots than this is marked ``too_few`` (plots can mask it).
+MIN_CELL_SLOTS = 20
+
+__all__ = ["conditional_label_mi", "language_divergence", "language_experts", "language_usage", "reference_divergence",
+           "top_expert_overlap"]
 
 
 def language_divergence(
@@ -48,6 +54,7 @@ def language_divergence(
     n_shuffles: int = 5,
     ci: float = 0.95,
     seed: int = 0,
+    min_count: int = MIN_CELL_SLOTS,
 ) -> pd.DataFrame:
     """Jensen-Shannon divergence between the expert-usage distributions of every pair of languages, per layer.
 
@@ -55,7 +62,9 @@ def language_divergence(
     ``scipy.spatial.distance.jensenshannon(p, q, base=2)``), ``floor`` (the same after shuffling the label
     between the two languages' routing slots, from the margins: the divergence finite samples show without any
     language effect; exact per token with ``top1=True``), ``ci_low, ci_high`` (Poisson bootstrap over
-    documents, ``n_boot`` replicates; memory values x n_boot x layers x experts x 8 bytes).
+    documents, ``n_boot`` replicates; memory values x n_boot x layers x experts x 8 bytes), ``slots_a, slots_b``
+    (routing slots of each language in the layer), ``tokens_a, tokens_b``, ``too_few`` (either language has
+    fewer than ``min_count`` slots: mask the cell, its divergence is mostly sampling noise).
     """
     values, counts, boot, tokens, first = grouped_counts_boot(trace, label, k=k, top1=top1, n_boot=n_boot, seed=seed)
     warn_small(label_name(label), values, tokens)
@@ -74,9 +83,12 @@ def language_divergence(
                     t = permutation_tables(np.stack([counts[i, li], counts[j, li]]).astype(np.int64), rng)
                     draws[s, li] = js_divergence(t[0], t[1])
             floor = draws.mean(axis=0)
+        slots_i, slots_j = counts[i].sum(axis=1), counts[j].sum(axis=1)  # [L]
         for li, layer in enumerate(first.layers):
             rows.append({"layer": layer, "a": values[i], "b": values[j], "js": js[li], "floor": floor[li],
-                         "ci_low": lo[li], "ci_high": hi[li]})
+                         "ci_low": lo[li], "ci_high": hi[li], "slots_a": int(slots_i[li]),
+                         "slots_b": int(slots_j[li]), "tokens_a": int(tokens[i]), "tokens_b": int(tokens[j]),
+                         "too_few": bool(min(slots_i[li], slots_j[li]) < min_count)})
     return pd.DataFrame(rows)
 
 
@@ -344,6 +356,24 @@ def top_expert_overlap(
     return pd.DataFrame(rows)
 
 
+def _boot_tokens(trace: TraceSource, label: Label, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values [V], float64 [V, n_boot]): tokens per label value in each Poisson replicate over documents
+    (the same weights as ``grouped_counts_boot`` with this seed)."""
+    from ._common import BootstrapCounts, label_codes
+
+    def init(chunk: RoutingTrace) -> dict:
+        return {"acc": GroupedAccumulator((n_boot,), np.float64)}
+
+    def update(state: dict, chunk: RoutingTrace) -> None:
+        codes, values = label_codes(chunk, label)
+        bc = BootstrapCounts(len(values), n_boot, seed)
+        bc.add(chunk.doc_ids, codes)
+        state["acc"].add(values, bc.boot.T)
+
+    state, _ = fold(trace, init, update)
+    return state["acc"].result()
+
+
 def language_experts(
     trace: TraceSource,
     label: Label = "lang",
@@ -351,6 +381,10 @@ def language_experts(
     threshold: float = 0.1,
     shared_min: float | None = None,
     k: int | None = None,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    min_count: int = MIN_CELL_SLOTS,
 ) -> pd.DataFrame:
     """Language-specific and shared experts per layer, from frequency differences (Bandarkar et al. 2025).
 
@@ -360,32 +394,331 @@ def language_experts(
     *other*. Columns: ``layer, expert, kind, <label>`` (the language, for specific experts), ``margin``
     (freq difference to the runner-up language), ``min_freq, max_freq``.
     Baseline: language-blind routing gives no specific expert beyond sampling noise.
+
+    Uncertainty (Poisson bootstrap over documents, ``n_boot`` replicates, seeded): ``top`` (the language with
+    the highest frequency, for every kind), ``count`` (its slots on the expert), ``tokens`` (its tokens),
+    ``margin_ci_low, margin_ci_high`` (interval of freq_top - max over the others, with ``top`` held fixed),
+    ``stability`` (share of replicates that give the same kind, and for a specific expert the same language)
+    and ``too_few`` (``count`` < ``min_count``: a "specific" expert resting on a handful of slots).
     """
-    counts = usage_counts(trace, label, k=k)
-    values = counts.coords["value"].values
-    warn_small(label_name(label), values, counts.attrs["tokens"])
+    values, counts, boot, tokens, _first = grouped_counts_boot(trace, label, k=k, n_boot=n_boot, seed=seed)
+    warn_small(label_name(label), values, tokens)
     if len(values) < 2:
         raise MetricError(f"label {label_name(label)!r} has a single value here; comparing languages needs two.")
-    tokens = np.asarray(counts.attrs["tokens"], dtype=np.float64)
-    freq = counts.values / tokens[:, None, None]  # [V, L, E]
+    layer_values = np.asarray(list(_first.layers))
+    top_k = _first.top_k if k is None else min(k, _first.top_k)
+    tok = np.asarray(tokens, dtype=np.float64)
+    freq = counts / tok[:, None, None]  # [V, L, E]
     e = freq.shape[2]
-    smin = counts.attrs["top_k"] / e if shared_min is None else shared_min
-    order = np.sort(freq, axis=0)
-    top, runner, low = order[-1], order[-2], order[0]
-    best = np.argmax(freq, axis=0)
-    margin = top - runner
-    kind = np.where(margin >= threshold, "specific",
-                    np.where((low >= smin) & (top - low < threshold), "shared", "other"))
+    smin = top_k / e if shared_min is None else shared_min
+
+    def classify(f: np.ndarray) -> tuple[np.ndarray, ...]:
+        order = np.sort(f, axis=0)
+        top, runner, low = order[-1], order[-2], order[0]
+        margin = top - runner
+        kind = np.where(margin >= threshold, "specific",
+                        np.where((low >= smin) & (top - low < threshold), "shared", "other"))
+        return kind, np.argmax(f, axis=0), margin, low, top
+
+    kind, best, margin, low, top = classify(freq)
     n_layers = freq.shape[1]
     name = label_name(label)
+    best_count = np.take_along_axis(counts, best[None], axis=0)[0]  # [L, E]
     df = pd.DataFrame({
-        "layer": np.repeat(counts.coords["layer"].values, e),
+        "layer": np.repeat(layer_values, e),
         "expert": np.tile(np.arange(e), n_layers),
         "kind": kind.ravel(),
         name: np.where(kind == "specific", values[best].astype(object), None).ravel(),
         "margin": margin.ravel(),
         "min_freq": low.ravel(),
         "max_freq": top.ravel(),
+        "top": values[best].astype(object).ravel(),
+        "count": best_count.ravel().astype(np.int64),
+        "tokens": tok[best].ravel().astype(np.int64),
     })
+    lo = hi = stability = np.full(n_layers * e, np.nan)
+    if n_boot:
+        bvals, btok = _boot_tokens(trace, label, n_boot, seed)
+        assert bvals.tolist() == values.tolist()
+        fb = safe_div(boot, btok[:, :, None, None]).transpose(1, 0, 2, 3)  # [B, V, L, E]
+        fb = np.nan_to_num(fb, nan=0.0)
+        fixed = np.take_along_axis(fb, best[None, None], axis=1)[:, 0]  # [B, L, E]
+        others = np.where(np.arange(len(values))[None, :, None, None] == best[None, None], -np.inf, fb).max(axis=1)
+        lo, hi = (x.ravel() for x in quantiles(fixed - others, ci))
+        same = np.zeros((n_layers, e))
+        for b in range(n_boot):  # a loop over replicates; each is vectorised over layers and experts
+            kb, bb, _, _, _ = classify(fb[b])
+            same += (kb == kind) & ((kind != "specific") | (bb == best))
+        stability = (same / n_boot).ravel()
+    df["margin_ci_low"], df["margin_ci_high"] = lo, hi
+    df["stability"] = stability
+    df["too_few"] = df["count"].to_numpy() < min_count
     return df
 
+
+def language_usage(
+    trace: TraceSource,
+    label: Label = "lang",
+    *,
+    top1: bool = False,
+    k: int | None = None,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    min_count: int = MIN_CELL_SLOTS,
+) -> pd.DataFrame:
+    """``label_usage`` (expert usage and lift per language, layer and expert) with counts and intervals per cell.
+
+    The columns of ``label_usage`` (``<label>, layer, expert, count, share, token_share, lift, tokens``; lift =
+    the expert's share of the language's slots / its share over all languages), plus ``slots`` (the language's
+    slots in the layer), ``expected`` (slots the cell would get without preference: slots x overall share),
+    ``lift_ci_low, lift_ci_high`` and ``share_ci_low, share_ci_high`` (Poisson bootstrap over documents,
+    ``n_boot`` replicates, seeded) and ``too_few``: fewer than ``min_count`` slots both observed and expected,
+    so the lift rests on a handful of slots (a lift of 2.6 from 3 slots); a cell that expects many slots but
+    gets none is a reliable 0 and is not marked. A frame that ``language_usage_heatmap`` reads as it is.
+    """
+    values, counts, boot, tokens, first = grouped_counts_boot(trace, label, k=1 if top1 else k, n_boot=n_boot,
+                                                              seed=seed)
+    warn_small(label_name(label), values, tokens)
+    c = counts.astype(np.float64)  # [V, L, E]
+    nv, n_layers, e = c.shape
+    slots = c.sum(axis=2, keepdims=True)
+    share = safe_div(c, slots)
+    overall = c.sum(axis=0)
+    overall_share = safe_div(overall, overall.sum(axis=1, keepdims=True))  # [L, E]
+    expected = slots * overall_share[None]
+    tok = np.asarray(tokens, dtype=np.float64)
+    df = pd.DataFrame({
+        label_name(label): np.repeat(values, n_layers * e),
+        "layer": np.tile(np.repeat(np.asarray(list(first.layers)), e), nv),
+        "expert": np.tile(np.arange(e), nv * n_layers),
+        "count": np.rint(counts).astype(np.int64).ravel(),
+        "share": share.ravel(),
+        "token_share": safe_div(c, tok[:, None, None]).ravel(),
+        "lift": safe_div(share, overall_share[None]).ravel(),
+        "tokens": np.repeat(tok.astype(np.int64), n_layers * e),
+        "slots": np.repeat(slots[:, :, 0].ravel().astype(np.int64), e),
+        "expected": expected.ravel(),
+    })
+    nan = np.full(nv * n_layers * e, np.nan)
+    lift_lo = lift_hi = share_lo = share_hi = nan
+    if n_boot:
+        b = boot.transpose(1, 0, 2, 3)  # [B, V, L, E]
+        share_b = safe_div(b, b.sum(axis=3, keepdims=True))
+        over_b = b.sum(axis=1)
+        lift_b = safe_div(share_b, safe_div(over_b, over_b.sum(axis=2, keepdims=True))[:, None])
+        lift_lo, lift_hi = (x.ravel() for x in quantiles(lift_b, ci))
+        share_lo, share_hi = (x.ravel() for x in quantiles(share_b, ci))
+    df["lift_ci_low"], df["lift_ci_high"] = lift_lo, lift_hi
+    df["share_ci_low"], df["share_ci_high"] = share_lo, share_hi
+    df["too_few"] = (df["count"].to_numpy() < min_count) & (df["expected"].to_numpy() < min_count)
+    return df
+
+
+# ---------------------------------------------------------------------------------------------- token control
+def _xlogx_sum(codes: np.ndarray, weights: np.ndarray | None, size: int) -> float:
+    """sum_c n_c log n_c of the (weighted) counts of ``codes`` in ``[0, size)``."""
+    n = np.bincount(codes, weights=weights, minlength=size)
+    n = n[n > 0]
+    return float(np.sum(n * np.log(n)))
+
+
+def _cmi_nats(cells: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], sizes: tuple[int, int, int, int],
+              weights: np.ndarray | None) -> float:
+    """Plug-in I(L; X | G) in nats from compact codes of (g, l, x), (g, l), (g, x) and g per token.
+
+    ``(1/N) [sum n_glx log n_glx + sum n_g log n_g - sum n_gl log n_gl - sum n_gx log n_gx]``.
+    """
+    glx, gl, gx, g = cells
+    total = float(len(g) if weights is None else weights.sum())
+    if total <= 0:
+        return float("nan")
+    s = (_xlogx_sum(glx, weights, sizes[0]) + _xlogx_sum(g, weights, sizes[3])
+         - _xlogx_sum(gl, weights, sizes[1]) - _xlogx_sum(gx, weights, sizes[2]))
+    return max(s / total, 0.0)
+
+
+def _strata_cells(g: np.ndarray, lab: np.ndarray, x: np.ndarray
+                  ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[int, int, int, int]]:
+    """Compact codes ``[tokens]`` of (g, l, x), (g, l), (g, x), g and their sizes, for ``_cmi_nats``."""
+    nl, nx = int(lab.max()) + 1, int(x.max()) + 1
+    gl = g.astype(np.int64) * nl + lab
+    gx = g.astype(np.int64) * nx + x
+    glx, gl_c, gx_c = (factorize(c)[0] for c in (gl * nx + x, gl, gx))
+    codes = (glx, gl_c, gx_c, g)
+    return codes, (int(glx.max()) + 1, int(gl_c.max()) + 1, int(gx_c.max()) + 1, int(g.max()) + 1)
+
+
+def _mi_nats(a: np.ndarray, b: np.ndarray) -> float:
+    """Plug-in I(a; b) in nats of two code arrays (same length)."""
+    ab, _ = factorize(a.astype(np.int64) * (int(b.max()) + 1) + b)
+    na = np.bincount(a)
+    nb = np.bincount(b)
+    nab = np.bincount(ab)
+    n = float(len(a))
+    xl = lambda x: float(np.sum(x[x > 0] * np.log(x[x > 0])))  # noqa: E731
+    return max((xl(nab) + n * math.log(n) - xl(na) - xl(nb)) / n, 0.0)
+
+
+def _expert_variable(chunk: RoutingTrace, expert: str) -> np.ndarray:
+    """int64 ``[tokens, layers]``: the routing variable of each token (-1: no expert at that layer)."""
+    from ._common import top1 as top1_ids
+
+    if expert == "top1":
+        return top1_ids(chunk).astype(np.int64)
+    if expert == "slot0":
+        return chunk.expert_ids[:, :, 0].astype(np.int64)
+    if expert == "set":  # the unordered set of routed experts as one value (a bit mask)
+        ids = chunk.expert_ids.astype(np.int64)
+        if chunk.num_experts > 62:
+            # more experts than bits: a sorted tuple, hashed to an int64 code
+            key = np.sort(np.where(ids >= 0, ids, chunk.num_experts), axis=2)
+            out = np.zeros(ids.shape[:2], dtype=np.int64)
+            for s in range(key.shape[2]):
+                out = out * (chunk.num_experts + 1) + key[:, :, s]
+        else:
+            out = np.where(ids >= 0, np.left_shift(np.int64(1), np.maximum(ids, 0)), 0).sum(axis=2)
+        return np.where((ids >= 0).any(axis=2), out, -1)
+    raise MetricError(f"expert must be 'top1', 'slot0' or 'set', got {expert!r}.")
+
+
+def _given_of(chunk: RoutingTrace, given: Label) -> tuple[np.ndarray, np.ndarray]:
+    """(values [tokens], valid mask) of the conditioning variable: token ids, or any label."""
+    if isinstance(given, str) and given == "token_id":
+        return chunk.token_ids.astype(np.int64), chunk.token_ids >= 0
+    values = label_of(chunk, given)
+    return values, np.ones(len(values), dtype=bool)
+
+
+def conditional_label_mi(
+    trace: TraceSource,
+    label: Label = "lang",
+    given: Label = "token_id",
+    *,
+    layers: list[int] | None = None,
+    expert: str = "top1",
+    min_labels: int = 2,
+    n_shuffles: int = 5,
+    n_boot: int = 100,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """How much the expert tells about a label *beyond the token*: I(label; expert | token), one row per layer.
+
+    A router that is a pure function of the token id (a token -> expert table; an untrained router on languages
+    with disjoint vocabularies comes close) separates languages through the token alone; this measures what is
+    left. Only token ids (``given="token_id"``; or any label / function of a chunk, e.g. a token-type label)
+    that occur under at least ``min_labels`` label values take part: elsewhere the token already fixes the label
+    and the conditional MI is 0 by construction.
+
+    The expert variable (``expert``): ``"top1"`` = the largest-weight slot, exactly as ``label_nmi`` (slot 0
+    without weights); ``"slot0"`` = the engine's first slot; ``"set"`` = the token's set of routed experts as one
+    value. Tokens without a routed expert at a layer are left out of that layer.
+
+    Columns (bits; plug-in estimates, biased upward in small strata: read them against ``floor_bits``):
+    ``layer``, ``cmi_bits`` = sum_t p(t) I(label; expert | token = t) over the kept tokens;
+    ``floor_bits, floor_sd_bits`` = the same after permuting the labels among the occurrences of each token id
+    (mean and sd over ``n_shuffles``; keeps every stratum's margins: the value finite samples give when the
+    expert carries nothing about the label beyond the token); ``excess_bits`` = cmi_bits - floor_bits (the
+    number to compare across models: the plug-in bias grows with the strata's label x expert cells, so an
+    untrained router with spread-out experts shows a large raw value and a large floor);
+    ``ci_low, ci_high`` = percentile interval of a Poisson bootstrap over documents (``ci_unit = "documents"``;
+    over tokens, ``"tokens"``, when the trace has a single document), strata fixed, with the replicates centred
+    on the estimate (a resample thins the strata and adds plug-in bias of its own, which would push the whole
+    interval above the estimate); ``mi_label_token_bits`` = I(label; token), ``mi_label_expert_bits`` =
+    I(label; expert) and ``h_label_bits`` = H(label), all over the same kept tokens (chain rule:
+    I(label; token, expert) = mi_label_token_bits + cmi_bits); ``n_tokens`` (kept tokens), ``n_token_ids``
+    (kept strata), ``n_tokens_total`` (tokens with a label, a given value and an expert at the layer).
+    Holds every kept token in memory (a few integers per token and layer).
+    """
+    if min_labels < 2:
+        raise MetricError(f"min_labels must be at least 2 (a token under one label carries no choice), got {min_labels}.")
+    if n_shuffles < 0 or n_boot < 0:
+        raise MetricError(f"n_shuffles and n_boot must be >= 0, got {n_shuffles} and {n_boot}.")
+    if not 0 < ci < 1:
+        raise MetricError(f"ci must be in (0, 1), got {ci}.")
+    parts: dict[str, list[np.ndarray]] = {"lab": [], "giv": [], "doc": [], "x": []}
+    first: RoutingTrace | None = None
+    n_valid_given = 0
+    for chunk in chunks(trace, layers=layers):
+        first = first or chunk
+        lab = label_of(chunk, label)
+        giv, ok = _given_of(chunk, given)
+        n_valid_given += int(ok.sum())
+        parts["lab"].append(lab[ok])
+        parts["giv"].append(np.asarray(giv)[ok])
+        parts["doc"].append(chunk.doc_ids[ok])
+        parts["x"].append(_expert_variable(chunk, expert)[ok])
+    assert first is not None
+    if n_valid_given == 0:
+        raise MetricError("no token has a token id (token_ids are -1 in this trace, e.g. an import without ids): "
+                          "conditioning on the token needs them; pass given=<a label> instead.")
+    lab_codes, lab_values = factorize(np.concatenate(parts["lab"]))
+    giv_codes, _ = factorize(np.concatenate(parts["giv"]))
+    docs = np.concatenate(parts["doc"])
+    x_all = np.concatenate(parts["x"])  # [tokens, layers]
+    warn_small(label_name(label), lab_values, np.bincount(lab_codes, minlength=len(lab_values)))
+    # strata: given values seen under >= min_labels label values (over all tokens with a label and a given value)
+    pair_codes, _ = factorize(giv_codes.astype(np.int64) * len(lab_values) + lab_codes)
+    first_of_pair = np.zeros(int(pair_codes.max()) + 1, dtype=np.intp)
+    first_of_pair[pair_codes[::-1]] = np.arange(len(pair_codes))[::-1]
+    labels_per_giv = np.bincount(giv_codes[first_of_pair], minlength=int(giv_codes.max()) + 1)
+    kept_giv = labels_per_giv >= min_labels
+    keep = kept_giv[giv_codes]
+    rng = np.random.default_rng(seed)
+    unit = "documents" if len(np.unique(docs)) >= 2 else "tokens"
+    rows = []
+    for li, layer in enumerate(first.layers):
+        x_layer = x_all[:, li]
+        routed = x_layer >= 0
+        m = keep & routed
+        n_tot = int(routed.sum())
+        row: dict[str, Any] = {"layer": layer}
+        if not m.any():
+            rows.append({**row, "cmi_bits": np.nan, "floor_bits": np.nan, "floor_sd_bits": np.nan, "excess_bits": np.nan,
+                         "ci_low": np.nan, "ci_high": np.nan, "ci_unit": unit, "mi_label_token_bits": np.nan,
+                         "mi_label_expert_bits": np.nan, "h_label_bits": np.nan, "n_tokens": 0,
+                         "n_token_ids": 0, "n_tokens_total": n_tot})
+            continue
+        g, _ = factorize(giv_codes[m])
+        lc, _ = factorize(lab_codes[m])
+        xc, _ = factorize(x_layer[m])
+        c_obs, s_obs = _strata_cells(g, lc, xc)
+        cmi = _cmi_nats(c_obs, s_obs, None)
+        floors = []
+        if n_shuffles:
+            by_g = np.argsort(g, kind="stable")
+            for _ in range(n_shuffles):
+                perm = np.lexsort((rng.random(len(g)), g))  # tokens grouped by stratum, random order inside
+                shuffled = np.empty_like(lc)
+                shuffled[by_g] = lc[perm]
+                floors.append(_cmi_nats(*_strata_cells(g, shuffled, xc), None))
+        lo = hi = np.nan
+        if n_boot:
+            if unit == "documents":
+                dcodes, dvals = factorize(docs[m])
+                w_all = poisson_weights(seed, dvals, n_boot)[:, dcodes]  # [B, tokens]
+            else:
+                w_all = poisson_weights(seed, np.flatnonzero(m), n_boot)
+            boot = np.array([_cmi_nats(c_obs, s_obs, w) for w in w_all])
+            # resampling documents thins the strata and adds plug-in bias: centre the replicates on the estimate
+            boot = boot - (boot.mean() - cmi)
+            lo, hi = (float(v[0]) for v in quantiles(boot[:, None], ci))
+        h_label = float(entropy(np.bincount(lc)) / math.log(2))
+        rows.append({
+            **row,
+            "cmi_bits": cmi / math.log(2),
+            "floor_bits": float(np.mean(floors)) / math.log(2) if floors else np.nan,
+            "floor_sd_bits": float(np.std(floors)) / math.log(2) if floors else np.nan,
+            "excess_bits": (cmi - float(np.mean(floors))) / math.log(2) if floors else np.nan,
+            "ci_low": lo / math.log(2),
+            "ci_high": hi / math.log(2),
+            "ci_unit": unit,
+            "mi_label_token_bits": _mi_nats(lc, g) / math.log(2),
+            "mi_label_expert_bits": _mi_nats(lc, xc) / math.log(2),
+            "h_label_bits": h_label,
+            "n_tokens": int(m.sum()),
+            "n_token_ids": int(g.max()) + 1,
+            "n_tokens_total": n_tot,
+        })
+    return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ Counts include every non-empty slot of the top-k (``expert_ids != -1``) unless `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +19,7 @@ from ._common import (
     GroupedAccumulator,
     Label,
     TraceSource,
+    chunks,
     factorize,
     fold,
     grouped_counts,
@@ -402,11 +403,76 @@ def _random_topk(shape: tuple[int, int], num_experts: int, k: int, seed: int, ke
     return out.astype(np.int16)
 
 
+def _capture_batch_size(source: TraceSource) -> int | None:
+    """The batch size a trace directory was captured with (``manifest.json`` settings), else None."""
+    import os
+
+    if isinstance(source, (str, os.PathLike)):
+        import json
+        from pathlib import Path
+
+        try:
+            manifest = json.loads((Path(source) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        size = (manifest.get("settings") or {}).get("batch_size")
+        return int(size) if isinstance(size, int) and size > 0 else None
+    if isinstance(source, RoutingTrace):
+        size = source.meta.get("batch_size")
+        return int(size) if isinstance(size, int) and size > 0 else None
+    return None
+
+
+def _capacity_groups(source: TraceSource, group: str | int, group_size: int | None, batch_size: int | None
+                     ) -> Iterator[tuple[RoutingTrace, np.ndarray]]:
+    """``(chunk, group codes [tokens])`` with every group whole inside one yielded chunk.
+
+    ``"doc"``: documents (or windows of ``group_size`` positions in a document) never span shards, so chunks
+    pass through. ``"batch"`` (``batch_size`` consecutive documents, by first appearance) and an int (that many
+    consecutive tokens in trace order) may straddle shards: the unfinished last group is carried into the next
+    chunk, so streamed and in-memory results agree.
+    """
+    if group == "doc":
+        for chunk in chunks(source):
+            doc_code, _ = factorize(chunk.doc_ids)
+            if group_size is None:
+                yield chunk, doc_code
+            else:
+                win = (chunk.positions // group_size).astype(np.int64)
+                yield chunk, factorize(doc_code * (int(win.max()) + 1) + win)[0]
+        return
+    carry: RoutingTrace | None = None  # the unfinished last group, always starting at a group boundary
+    tokens_before = 0  # tokens of the stream before `cur` (int groups)
+    for chunk in chunks(source):
+        cur = chunk if carry is None else RoutingTrace.concat([carry, chunk])
+        if group == "batch":
+            assert batch_size is not None
+            doc_code, _ = factorize(cur.doc_ids)  # ordinal of first appearance, 0 at the carried group
+            codes = doc_code // batch_size
+            last = int(codes.max())
+            complete_last = np.unique(doc_code[codes == last]).size == batch_size
+        else:
+            n = int(group)
+            pos = tokens_before + np.arange(cur.num_tokens)
+            codes = pos // n - tokens_before // n
+            last = int(codes.max())
+            complete_last = (pos[-1] + 1) % n == 0
+        done = np.ones(cur.num_tokens, dtype=bool) if complete_last else codes < last
+        carry = None if done.all() else cur.select(np.flatnonzero(~done))
+        if done.any():
+            yield (cur if carry is None else cur.select(np.flatnonzero(done))), codes[done]
+            tokens_before += int(done.sum())
+    if carry is not None:
+        yield carry, np.zeros(carry.num_tokens, dtype=np.intp)
+
+
 def capacity_drop(
     trace: TraceSource,
     capacity_factors: Sequence[float] = (1.0, 1.25, 1.5, 2.0),
     *,
+    group: str | int = "doc",
     group_size: int | None = None,
+    batch_size: int | None = None,
     priority: str = "slot",
     min_capacity: int = 1,
     by_position: bool = False,
@@ -415,14 +481,25 @@ def capacity_drop(
 ) -> pd.DataFrame:
     """Simulated token dropping at expert capacity (Switch Transformer, Fedus et al. 2021; GShard).
 
-    Tokens are grouped per document (or per window of ``group_size`` positions inside a document); each expert
-    of each layer accepts at most ``capacity = max(min_capacity, floor(c * group_tokens * top_k / E))`` slots
-    per group, served in ``priority`` order (``"slot"``: all first choices in token order, then second choices,
-    ...; ``"token"``: token order). Slots beyond capacity are dropped, so late tokens drop first.
+    Tokens are split into groups; each expert of each layer accepts at most
+    ``capacity = max(min_capacity, floor(c * group_tokens * top_k / E))`` slots per group, served in ``priority``
+    order (``"slot"``: all first choices of the group in token order, then second choices, ...; ``"token"``:
+    token order). Slots beyond capacity are dropped, so late tokens drop first. Groups (``group``):
 
-    Columns: ``capacity_factor, layer, drop_rate`` (dropped / routed slots), ``token_drop_rate`` (share of
-    tokens with at least one dropped slot), ``drop_rate_random`` (the same simulation on uniformly random
-    routing, hashed from (doc id, position): the baseline of a router balanced in expectation), ``slots``.
+    - ``"doc"`` (default): each document alone, or each window of ``group_size`` positions inside a document.
+      A lower bound of what a server sees: one sequence's repeats of a token all hit the same queue.
+    - ``"batch"``: ``batch_size`` consecutive documents together (in trace order, which is capture order:
+      ``capture_corpus`` batches ``batch_size`` consecutive texts, and a trace directory records its batch size,
+      used when ``batch_size`` is None). This is the Switch / GShard setting: capacity is per group of tokens
+      from many sequences of a batch (Switch: the tokens of a batch on one core; GShard: the tokens of a
+      device's group), so the mix of sequences evens the load out.
+    - an int ``n``: groups of ``n`` consecutive tokens in trace order (across documents), GShard's fixed group
+      size; the last group may be shorter.
+
+    Group sizes count real tokens (padding is not in the trace). Columns: ``capacity_factor, layer, drop_rate``
+    (dropped / routed slots), ``token_drop_rate`` (share of tokens with at least one dropped slot),
+    ``drop_rate_random`` (the same simulation on uniformly random routing, hashed from (doc id, position): the
+    baseline of a router balanced in expectation), ``slots``, ``groups`` (groups simulated), ``group``.
     ``by_position=True`` splits rows by position bucket (``pos_start, pos_end``; ``bins`` as in
     ``load_by_position``) to show drops towards the end of the group.
     """
@@ -433,11 +510,22 @@ def capacity_drop(
         raise MetricError(f"capacity factors must be positive, got {list(capacity_factors)}.")
     if group_size is not None and group_size <= 0:
         raise MetricError(f"group_size must be positive, got {group_size}.")
+    if isinstance(group, (bool, np.bool_)) or not (
+            group in ("doc", "batch") or (isinstance(group, (int, np.integer)) and group > 0)):
+        raise MetricError(f"group must be 'doc', 'batch' or a positive number of tokens, got {group!r}.")
+    if group_size is not None and group != "doc":
+        raise MetricError("group_size (windows inside a document) only applies to group='doc'; for groups of n "
+                          "tokens across documents pass group=n.")
+    if group == "batch":
+        batch_size = batch_size if batch_size is not None else _capture_batch_size(trace)
+        if batch_size is None:
+            raise MetricError("group='batch' needs batch_size (documents per batch): this source does not record "
+                              "the batch size it was captured with; pass batch_size= (demo_runs captures 32).")
+        if batch_size <= 0:
+            raise MetricError(f"batch_size must be positive, got {batch_size}.")
+    elif batch_size is not None:
+        raise MetricError("batch_size only applies to group='batch'.")
     bucket_of, bounds = _bucketer(bins)
-
-    def init(chunk: RoutingTrace) -> dict:
-        return {"acc": GroupedAccumulator((len(factors), 5, chunk.num_layers), np.float64),
-                "tok": GroupedAccumulator((), np.float64)}
 
     def simulate(ids: np.ndarray, group: np.ndarray, caps: np.ndarray, codes: np.ndarray, n_b: int,
                  e: int) -> np.ndarray:
@@ -456,37 +544,39 @@ def capacity_drop(
             out[fi, 2] = np.bincount(idx, weights=per_tok > 0, minlength=size)
         return out.reshape(len(factors), 3, n_b, n_layers)
 
-    def update(state: dict, chunk: RoutingTrace) -> None:
+    acc: GroupedAccumulator | None = None
+    tok_acc = GroupedAccumulator((), np.float64)
+    first: RoutingTrace | None = None
+    n_groups = 0
+    for chunk, grp in _capacity_groups(trace, group, group_size, batch_size):
+        if first is None:
+            first = chunk
+            acc = GroupedAccumulator((len(factors), 5, chunk.num_layers), np.float64)
+        assert acc is not None
         e, k = chunk.num_experts, chunk.top_k
-        doc_code, _ = factorize(chunk.doc_ids)
-        if group_size is None:
-            group = doc_code
-        else:
-            win = (chunk.positions // group_size).astype(np.int64)
-            group, _ = factorize(doc_code * (int(win.max()) + 1) + win)
-        sizes = np.bincount(group)
+        grp, _ = factorize(grp)
+        sizes = np.bincount(grp)
+        n_groups += len(sizes)
         caps = np.maximum(min_capacity, np.floor(factors[:, None] * sizes[None, :] * k / e)).astype(np.int64)
         if by_position:
             codes, buckets = factorize(bucket_of(chunk.positions))
         else:
             codes, buckets = np.zeros(chunk.num_tokens, np.intp), np.array([0])
         ids = sorted_ids(chunk)
-        real = simulate(ids, group, caps, codes, len(buckets), e)
+        real = simulate(ids, grp, caps, codes, len(buckets), e)
         rnd = _random_topk((chunk.num_tokens, chunk.num_layers), e, k, seed, (chunk.doc_ids, chunk.positions))
         rnd = np.where(ids >= 0, rnd, -1).astype(np.int16)  # the trace's empty slots stay empty
-        base = simulate(rnd, group, caps, codes, len(buckets), e)
+        base = simulate(rnd, grp, caps, codes, len(buckets), e)
         tokens = np.bincount(codes, minlength=len(buckets)).astype(np.float64)
         both = np.concatenate([real, base[:, :2]], axis=1)  # [F, 5, B, L]
-        both = both.transpose(2, 0, 1, 3)  # [B, F, 5, L]
-        state["acc"].add(buckets, both)
-        state["tok"].add(buckets, tokens)
-
-    state, first = fold(trace, init, update)
-    buckets, acc = state["acc"].result()  # [B, F, 5, L]
-    _, tokens = state["tok"].result()
-    n_b, n_f, _, n_layers = acc.shape
+        acc.add(buckets, both.transpose(2, 0, 1, 3))  # [B, F, 5, L]
+        tok_acc.add(buckets, tokens)
+    assert first is not None and acc is not None
+    buckets, arr = acc.result()  # [B, F, 5, L]
+    _, tokens = tok_acc.result()
+    n_b, n_f, _, n_layers = arr.shape
     b_idx, f_idx, l_idx = np.meshgrid(np.arange(n_b), np.arange(n_f), np.arange(n_layers), indexing="ij")
-    drop, routed, tok_drop, drop_r, routed_r = (acc[:, :, j, :] for j in range(5))
+    drop, routed, tok_drop, drop_r, routed_r = (arr[:, :, j, :] for j in range(5))
     df = pd.DataFrame({
         "capacity_factor": factors[f_idx.ravel()],
         "layer": np.asarray(first.layers)[l_idx.ravel()],
@@ -494,6 +584,8 @@ def capacity_drop(
         "token_drop_rate": safe_div(tok_drop, tokens[:, None, None]).ravel(),
         "drop_rate_random": safe_div(drop_r, routed_r).ravel(),
         "slots": routed.ravel().astype(np.int64),
+        "groups": n_groups,
+        "group": str(group),
     })
     if by_position:
         start, end = bounds(buckets)
@@ -527,14 +619,69 @@ def greedy_placement(load: np.ndarray, num_devices: int, *, balanced: bool = Tru
     return out
 
 
-def expert_placement(trace: TraceSource, num_devices: int, *, balanced: bool = True) -> pd.DataFrame:
+def _device_balance(load: np.ndarray, placement: np.ndarray, num_devices: int) -> tuple[float, float]:
+    """(max_over_mean, balancedness) of the device loads of ``placement`` (``[experts]`` device ids)."""
+    dev = np.bincount(placement, weights=load, minlength=num_devices)
+    mean = load.sum() / num_devices
+    return float(safe_div(dev.max(), mean)), float(safe_div(mean, dev.max()))
+
+
+def expert_placement(trace: TraceSource, num_devices: int, *, balanced: bool = True, holdout: bool = False,
+                     seed: int = 0) -> pd.DataFrame:
     """What-if: place each layer's experts on ``num_devices`` devices from the measured load (expert parallelism).
 
     Columns: ``layer, devices, max_over_mean_contiguous`` (experts 0..E/G-1 on device 0 and so on, the default
     sharding), ``max_over_mean_greedy`` (after ``greedy_placement``), ``balancedness_contiguous`` and
     ``balancedness_greedy`` (mean / max device load, SGLang's measure), ``gain`` (contiguous max / greedy max).
     Baseline: perfectly balanced devices give max_over_mean 1.
+
+    ``holdout=True`` asks whether the placement carries over to new traffic: documents are split in two halves
+    at random (hashed from (``seed``, doc id), so streamed and in-memory runs agree), the greedy placement is
+    fitted on the ``fit`` half and scored on the ``heldout`` half. Columns then: ``layer, devices``,
+    ``max_over_mean_in_sample`` (greedy, fitted and scored on the fit half: the optimistic number),
+    ``max_over_mean_heldout`` (the fit half's placement on the held-out half: what a deployment would see),
+    ``max_over_mean_oracle`` (the held-out half's own greedy placement: the best possible there),
+    ``max_over_mean_contiguous`` (contiguous sharding on the held-out half), the matching ``balancedness_*``,
+    ``gain_heldout`` (contiguous / heldout max) and ``fit_tokens, heldout_tokens``.
     """
+    if not holdout:
+        return _placement_in_sample(trace, num_devices, balanced)
+
+    def half(chunk: RoutingTrace) -> np.ndarray:
+        return np.where(hash_uniform(seed, chunk.doc_ids) < 0.5, "fit", "heldout")
+
+    counts = usage_counts(trace, half)
+    halves = counts.coords["value"].values.tolist()
+    if halves != ["fit", "heldout"]:
+        raise MetricError(f"holdout=True needs documents in both halves, but all fell into {halves}: the trace "
+                          "has too few documents (a single one?); use holdout=False.")
+    c_fit, c_held = counts.values.astype(np.float64)  # [L, E] each
+    e = c_fit.shape[1]
+    if num_devices <= 0 or num_devices > e:
+        raise MetricError(f"num_devices must be between 1 and num_experts ({e}), got {num_devices}.")
+    contiguous = np.minimum(np.arange(e) * num_devices // e, num_devices - 1)
+    tokens = counts.attrs["tokens"]
+    rows = []
+    for li, layer in enumerate(counts.coords["layer"].values.tolist()):
+        fitted = greedy_placement(c_fit[li], num_devices, balanced=balanced)
+        ins = _device_balance(c_fit[li], fitted, num_devices)
+        held = _device_balance(c_held[li], fitted, num_devices)
+        oracle = _device_balance(c_held[li], greedy_placement(c_held[li], num_devices, balanced=balanced),
+                                 num_devices)
+        contig = _device_balance(c_held[li], contiguous, num_devices)
+        rows.append({
+            "layer": layer, "devices": num_devices,
+            "max_over_mean_in_sample": ins[0], "max_over_mean_heldout": held[0],
+            "max_over_mean_oracle": oracle[0], "max_over_mean_contiguous": contig[0],
+            "balancedness_in_sample": ins[1], "balancedness_heldout": held[1],
+            "balancedness_oracle": oracle[1], "balancedness_contiguous": contig[1],
+            "gain_heldout": float(safe_div(contig[0], held[0])),
+            "fit_tokens": int(tokens[0]), "heldout_tokens": int(tokens[1]),
+        })
+    return pd.DataFrame(rows)
+
+
+def _placement_in_sample(trace: TraceSource, num_devices: int, balanced: bool) -> pd.DataFrame:
     counts = usage_counts(trace)
     c_all = counts.values.astype(np.float64)
     e = c_all.shape[1]
