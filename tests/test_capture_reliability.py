@@ -262,3 +262,22 @@ def test_a_wrapper_without_a_transformers_model_is_named_in_the_error(qwen3_moe)
     with pytest.raises(WrappedModelError, match=r"test_capture_reliability\.Holder.*pass the transformers model"), \
             capture(Holder(nn.ModuleList([nn.Linear(2, 2)]))):
         pass
+
+
+def test_a_real_transformer_lens_bridge(tokenizer):
+    """Runs where TransformerLens is installed (not a project dependency): its bridge around a tiny qwen3_moe."""
+    source = pytest.importorskip("transformer_lens.model_bridge.sources.transformers.source")
+
+    def build():
+        model = make_qwen3_moe(seed=0, mlp_only_layers=())  # TransformerLens bridges all-MoE qwen3_moe only
+        model.config.architectures = ["Qwen3MoeForCausalLM"]
+        return model
+
+    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+    plain = build()
+    with capture(plain) as rec, torch.no_grad():
+        plain(input_ids=ids)
+    bridge = source.boot("tiny-qwen3-moe", hf_model=build(), tokenizer=tokenizer, load_weights=False)
+    with capture(bridge) as got, torch.no_grad():
+        bridge(ids)
+    assert_same(got.trace(), rec.trace())
