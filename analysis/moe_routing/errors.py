@@ -29,3 +29,7 @@ class CorpusError(MoERoutingError, ValueError):
 
 class MetricError(MoERoutingError, ValueError):
     """A metric was asked for something the trace cannot answer (no weights, unknown layer, ...)."""
+
+
+class InterventionError(CaptureError, ValueError):
+    """An intervention (ablate / force / bias / where) cannot be applied faithfully to this model or input."""
