@@ -19,11 +19,13 @@ from .errors import (
     CaptureError,
     CorpusError,
     CorruptShardError,
+    InterventionError,
     MetricError,
     MoERoutingError,
     TraceError,
     UnsupportedModelError,
 )
+from .intervene import Intervention, intervene
 from .models import load_model
 from .pipeline import capture_corpus
 from .store import TraceReader, open_trace
@@ -47,6 +49,8 @@ __all__ = [
     "CaptureError",
     "CorpusError",
     "CorruptShardError",
+    "Intervention",
+    "InterventionError",
     "MetricError",
     "MoERoutingError",
     "Recorder",
@@ -57,6 +61,7 @@ __all__ = [
     "__version__",
     "capture",
     "capture_corpus",
+    "intervene",
     "load_model",
     "metrics",
     "open_trace",

@@ -82,3 +82,5 @@ class NotebookNotFoundError(ReportError, FileNotFoundError):
 
 class BrowserNotFoundError(MoERoutingError, RuntimeError):
     """No Chrome/Chromium for kaleido to render static images with (or for the report's browser checks)."""
+class InterventionError(CaptureError, ValueError):
+    """An intervention (ablate / force / bias / where) cannot be applied faithfully to this model or input."""
