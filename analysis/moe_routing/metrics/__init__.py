@@ -7,10 +7,12 @@ carry a baseline column (uniform / random routing / shuffled labels) and, where 
 CI over documents.
 
 Families: load (``load``), specialization and co-activation (``specialization``), cross-layer and sequence
-(``sequence``), per-language (``language``), contrast of two conditions (``contrast``).
+(``sequence``), per-language (``language``), contrast of two conditions (``contrast``),
+causal checks by ablating experts and steering sets (``causal``).
 """
 
 from ._common import read_all
+from .causal import CausalClaim, ablation_effect, check_claim, expert_importance, steering_bias, steering_set
 from .contrast import contrast, contrast_summary, contrast_traces
 from .language import language_divergence, language_experts, reference_divergence, top_expert_overlap
 from .load import (
@@ -47,8 +49,11 @@ from .specialization import (
 __all__ = [
     "TOKEN_TYPES",
     "VOCABULARY_PRESETS",
+    "CausalClaim",
+    "ablation_effect",
     "balance_stats",
     "capacity_drop",
+    "check_claim",
     "coactivation",
     "coactivation_matrices",
     "coactivation_random",
@@ -58,6 +63,7 @@ __all__ = [
     "contrast_summary",
     "contrast_traces",
     "domain_specialization",
+    "expert_importance",
     "expert_load",
     "expert_placement",
     "greedy_placement",
@@ -74,6 +80,8 @@ __all__ = [
     "read_all",
     "reference_divergence",
     "router_agreement",
+    "steering_bias",
+    "steering_set",
     "token_type",
     "token_type_label",
     "token_type_specialization",
