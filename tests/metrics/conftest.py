@@ -84,13 +84,10 @@ def split_by_docs(trace: RoutingTrace, n_chunks: int) -> list[RoutingTrace]:
 
 
 def write_sharded(trace: RoutingTrace, path: Path, n_shards: int) -> Path:
-    """A trace directory with ``n_shards`` shards (``trace.save`` writes one; more are added by the store)."""
-    from moe_routing import store
-
-    parts = split_by_docs(trace, n_shards)
-    parts[0].save(path)
-    for i, part in enumerate(parts[1:], start=1):
-        store.write_shard(store.trace_to_table(part), path / store.SHARD_DIR / store.shard_name(i))
+    """A trace directory of about ``n_shards`` shards, written by the store itself (documents never span shards)."""
+    tokens_per_shard = -(-trace.num_tokens // n_shards)
+    trace.save(path, tokens_per_shard=tokens_per_shard)
+    assert len(list((path / "shards").glob("part-*.parquet"))) >= min(2, n_shards)
     return path
 
 
