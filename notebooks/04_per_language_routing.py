@@ -132,7 +132,7 @@ say(f"{int(usage['too_few'].sum())} of {len(usage)} (language, layer, expert) ce
     f"In layer {last} the strongest preferences belong to",
     ", ".join(f"{mp.language_name(r.lang)} (expert {r.expert}: {r.lift:.1f}, interval {r.lift_ci_low:.1f}-"
               f"{r.lift_ci_high:.1f}, {r.count} slots)" for r in strongest.itertuples()) + ".",
-    ("Blank columns are experts no token of this set reaches: " + "; ".join(
+    ("Experts that no token of this set reaches (blank whole columns; other blank cells rest on too few slots): " + "; ".join(
         f"layer {la}: expert {', '.join(map(str, g['expert']))}" for la, g in dead.groupby("layer")) + ".")
     if len(dead) else "Every expert is reached in every layer.")
 
