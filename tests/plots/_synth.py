@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from moe_routing import RoutingTrace
+from moe_routing.testing import synthetic_trace
 
 LAYERS = (1, 3, 5, 7)  # decoder-layer indices of the MoE layers: deliberately not 0..L-1
 NUM_EXPERTS = 8
@@ -24,29 +25,13 @@ def make_trace(
     logits: bool = True,
     seed: int = 0,
 ) -> RoutingTrace:
-    """A trace whose routing depends on a ``lang`` label (de prefers the upper half of the experts)."""
-    rng = np.random.default_rng(seed)
-    n = n_docs * doc_len
-    lang = np.array(["en", "de", "fr"] * (n_docs // 3 + 1))[:n_docs].repeat(doc_len)
-    z = rng.normal(size=(n, len(layers), num_experts)).astype(np.float32)
-    z[lang == "de", :, num_experts // 2 :] += 1.5
-    z[lang == "fr", :, 0] += 2.0
-    ids = np.argsort(-z, axis=2, kind="stable")[:, :, :top_k]
-    p = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)
-    w = np.take_along_axis(p, ids, axis=2)
-    w = w / w.sum(axis=2, keepdims=True)
+    """A trace whose routing depends on a ``lang`` label (de prefers the upper half of the experts, fr expert 0);
+    every document is the token cycle of ``WORDS``. A thin wrapper of ``moe_routing.testing.synthetic_trace``."""
     vocab = {t: i for i, t in enumerate(dict.fromkeys(WORDS))}
-    token_ids = np.array([vocab[WORDS[j % len(WORDS)]] for j in range(doc_len)] * n_docs)
-    return RoutingTrace.from_arrays(
-        ids,
-        w,
-        layers=layers,
-        num_experts=num_experts,
-        labels={"lang": lang},
-        token_ids=token_ids,
-        doc_ids=np.arange(n_docs).repeat(doc_len),
-        router_logits=z if logits else None,
-        model_name="synthetic",
+    return synthetic_trace(
+        n_docs, doc_len, layers=layers, num_experts=num_experts, top_k=top_k, langs=("en", "de", "fr"),
+        token_cycle=[vocab[w] for w in WORDS], labels=("lang",), logits=logits, float32_scores=True, seed=seed,
+        lang_bias={"de": dict.fromkeys(range(num_experts // 2, num_experts), 1.5), "fr": {0: 2.0}},
     )
 
 
