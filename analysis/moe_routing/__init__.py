@@ -32,6 +32,7 @@ from .store import TraceReader, open_trace
 from .trace import RoutingTrace
 
 _LAZY = {"plots", "corpora", "imports", "demo", "report", "demo_pipeline"}
+_LAZY.add("testing")  # mr.testing: assert_traces_equal, synthetic_trace, tiny_moe, routing_proxy
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ __all__ = [
     "TINY_BASE",
     "TINY_FAMILIES",
     "assert_traces_equal",
+    "proxy_config",
     "routing_proxy",
     "synthetic_trace",
     "tiny_config",
@@ -317,6 +318,25 @@ ROUTING_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def proxy_config(name: str, *, hidden_size: int = 64, expert_size: int = 16, vocab_size: int = 512,
+                 **overrides: Any) -> Any:
+    """The config :func:`routing_proxy` builds: ``ROUTING_SHAPES[name]`` with tiny hidden sizes (no weights)."""
+    if name not in ROUTING_SHAPES:
+        raise MoERoutingError(f"no routing proxy {name!r}; known: {sorted(ROUTING_SHAPES)}.")
+    model_type, shape = ROUTING_SHAPES[name]
+    sizes: dict[str, Any] = {"hidden_size": hidden_size, "num_attention_heads": 4, "head_dim": hidden_size // 4,
+                             "intermediate_size": expert_size, "moe_intermediate_size": expert_size,
+                             "shared_expert_intermediate_size": expert_size, "vocab_size": vocab_size,
+                             "max_position_embeddings": 512, "pad_token_id": 0, "eos_token_id": 1,
+                             "bos_token_id": 1}  # tiny_tokenizer's <pad> and <eos>
+    if model_type == "gpt_oss":  # YaRN rope: its own original context length; no position table to size
+        sizes.pop("max_position_embeddings")
+    if model_type == "deepseek_v3":  # multi-head latent attention sizes
+        sizes.update(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                     head_dim=8)
+    return tiny_config(model_type, **{**sizes, **shape, **overrides})
+
+
 def routing_proxy(name: str, directory: str | os.PathLike, *, hidden_size: int = 64, expert_size: int = 16,
                   vocab_size: int = 512, seed: int = 0, **overrides: Any) -> Path:
     """Save a model with the routing shape ``ROUTING_SHAPES[name]`` and tiny hidden sizes to ``directory``.
@@ -325,24 +345,16 @@ def routing_proxy(name: str, directory: str | os.PathLike, *, hidden_size: int =
     so ``from_pretrained``, ``mr.load_model`` and the CLI read it like a downloaded model. Sizes: hidden
     ``hidden_size`` (4 heads), each expert (and dense MLP) ``expert_size`` wide; ``overrides`` change any config
     attribute. Returns ``directory``. The weights are random (seeded): routing shapes, not routing behaviour.
+    On disk: about 80 MB for the Qwen3-30B shape, 190 MB for DeepSeek-V3 (float32).
     """
-    if name not in ROUTING_SHAPES:
-        raise MoERoutingError(f"no routing proxy {name!r}; known: {sorted(ROUTING_SHAPES)}.")
-    model_type, shape = ROUTING_SHAPES[name]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = proxy_config(name, hidden_size=hidden_size, expert_size=expert_size, vocab_size=vocab_size,
+                          **overrides)
     tokenizer = tiny_tokenizer(min(vocab_size, 400))
-    sizes: dict[str, Any] = {"hidden_size": hidden_size, "num_attention_heads": 4,
-                             "head_dim": hidden_size // 4, "intermediate_size": expert_size,
-                             "moe_intermediate_size": expert_size, "shared_expert_intermediate_size": expert_size,
-                             "vocab_size": vocab_size, "max_position_embeddings": 512,
-                             "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                             "bos_token_id": tokenizer.eos_token_id}
-    if model_type == "gpt_oss":  # YaRN rope: its own original context length; no position table to size
-        sizes.pop("max_position_embeddings")
-    if model_type == "deepseek_v3":
-        sizes.update(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
-        sizes["head_dim"] = 8  # = qk_rope_head_dim
-    model = tiny_moe(model_type, seed=seed, **{**sizes, **shape, **overrides})
-    model.config.name_or_path = f"routing-proxy/{name}"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
