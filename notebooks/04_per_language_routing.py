@@ -36,6 +36,7 @@ PARALLEL_LANGS = ["en", "de", "ja"]  # the token view of one parallel sentence
 PROBE_TOKENS = 12_000  # tokens the language probe trains and tests on (whole documents)
 N_BOOT = 100  # bootstrap replicates for confidence intervals
 PROSE_PART = "udhr"  # on the demo corpus: UDHR prose paragraphs, shown beside the UI-string results (None: skip)
+SHUFFLE_LABELS = False  # a control: shuffle (language, script) among the documents; every claim should then fail
 
 # %%
 import warnings
@@ -72,9 +73,17 @@ paths = demo_runs(MODEL, RUNS, parts=(part, prose) if prose else (part,), progre
 variants = list(model_variants(MODEL))  # demo: ["trained", "untrained"]; a real model: ["model"]
 
 
-def load(variant: str) -> mr.RoutingTrace:
-    trace = mr.RoutingTrace.load(paths[f"{variant}/{part}"])
-    return trace if LANGS is None else trace.select(np.isin(trace.label("lang"), LANGS))
+def shuffled(trace: mr.RoutingTrace) -> mr.RoutingTrace:
+    """The same routing with (language, script) permuted among the documents (seeded): the null control."""
+    docs, first_of, inverse = np.unique(trace.doc_ids, return_index=True, return_inverse=True)
+    perm = np.random.default_rng(0).permutation(len(docs))
+    return trace.with_labels({k: trace.label(k)[first_of][perm][inverse] for k in ("lang", "script")})
+
+
+def load(variant: str, which: str = part) -> mr.RoutingTrace:
+    trace = mr.RoutingTrace.load(paths[f"{variant}/{which}"])
+    trace = trace if LANGS is None else trace.select(np.isin(trace.label("lang"), LANGS))
+    return shuffled(trace) if SHUFFLE_LABELS else trace
 
 
 traces = {v: load(v) for v in variants}
@@ -86,6 +95,9 @@ order = sorted(langs, key=lambda lang: (scripts[lang] != "Latin", scripts[lang],
 tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))  # only to show tokens as text
 for v, t in traces.items():
     print(f"{v:>9}: {t!r}")
+if SHUFFLE_LABELS:
+    say("**Control run**: the language (and script) labels are shuffled among the documents, so the routing says"
+        " nothing about them; every claim below should come out as not holding.")
 per_lang = pd.Series(trace.label("lang")).value_counts()
 print(f"{len(langs)} languages, {per_lang.min()}-{per_lang.max()} tokens each "
       f"({len(np.unique(trace.doc_ids))} sentences)")
@@ -144,9 +156,26 @@ say(f"{int(usage['too_few'].sum())} of {len(usage)} (language, layer, expert) ce
 # blocks along the diagonal are script families.
 
 # %%
-divergence = {v: mr.metrics.language_divergence(t, n_boot=0, n_shuffles=2) for v, t in traces.items()}
-mp.language_divergence_heatmap(divergence[name], order,
-                               title=f"JS divergence between languages' expert usage · {name} model")
+divergence = {v: mr.metrics.language_divergence(t, n_boot=N_BOOT, n_shuffles=2) for v, t in traces.items()}
+masked_js = divergence[name].assign(js=divergence[name]["js"].where(~divergence[name]["too_few"]))
+mp.language_divergence_heatmap(masked_js, order,
+                               title=f"JS divergence between languages' expert usage (blank: too few slots) · {name} "
+                               "model")
+
+# %% [markdown]
+# Each cell of the matrix with its bootstrap interval over sentences and the shuffled floor: the most and the
+# least divergent pairs of the last layer, then per layer how many pairs' intervals lie wholly above their floor.
+
+# %%
+pairs_ci = divergence[name].assign(pair=lambda d: d["a"].map(mp.language_name) + " / " + d["b"].map(mp.language_name),
+                                   above_floor=lambda d: d["ci_low"] > d["floor"])
+last_pairs = pairs_ci[pairs_ci["layer"] == trace.layers[-1]].sort_values("js")
+display(pd.concat([last_pairs.tail(5), last_pairs.head(5)])[
+    ["layer", "pair", "js", "ci_low", "ci_high", "floor", "slots_a", "slots_b", "too_few"]].round(4))
+above = pairs_ci.groupby("layer")["above_floor"].agg(["sum", "size"])
+say("Pairs whose interval lies wholly above the shuffled floor, per layer:",
+    ", ".join(f"layer {la}: {int(r['sum'])} of {int(r['size'])}" for la, r in above.iterrows()) + ";",
+    f"{int(divergence[name]['too_few'].sum())} (pair, layer) cells rest on too few slots and are blank.")
 
 # %%
 pairs = pd.concat([d.assign(model=v) for v, d in divergence.items()], ignore_index=True)
@@ -237,8 +266,23 @@ fig
 # %%
 specific = experts[(experts["model"] == name) & (experts["kind"] == "specific")].copy()
 specific["language"] = specific["lang"].map(mp.language_name)
+specific["sure"] = (specific["margin_ci_low"] > 0) & ~specific["too_few"]  # interval excludes no margin
 specific.pivot_table(index="language", columns="layer", values="expert",
                      aggfunc=lambda e: " ".join(f"e{x}" for x in sorted(e))).fillna("")
+
+# %% [markdown]
+# Each specific expert with its uncertainty: the frequency margin over the runner-up language with its
+# bootstrap interval over sentences, the share of bootstrap replicates that give the same verdict
+# (`stability`), the slots it rests on (`count`) and `too_few` when they are a handful.
+
+# %%
+display(specific.sort_values(["layer", "margin"], ascending=[True, False])[
+    ["layer", "expert", "language", "margin", "margin_ci_low", "margin_ci_high", "stability", "count", "too_few",
+     "sure"]].round(3).reset_index(drop=True))
+if len(specific):
+    say(f"Of the {name} model's {len(specific)} specific experts, {int(specific['sure'].sum())} have a margin"
+        f" interval above 0 and enough slots; {int((specific['stability'] >= 0.9).sum())} keep their verdict in at"
+        " least nine of ten bootstrap replicates.")
 
 # %%
 count_of = kinds.pivot_table(index=["model", "layer"], columns="kind", values="experts", fill_value=0)
@@ -290,7 +334,7 @@ for v, g in nmi.groupby("model", sort=False):
         f"layers (highest in layer {g['nmi'].idxmax()}), {span(g['nmi'] / g['floor'], '.0f')} times its shuffled floor",
         f"({span(g['floor'], '.4f')}).")
 if prose:
-    prose_nmi = pd.concat([mr.metrics.label_nmi(mr.RoutingTrace.load(paths[f"{v}/{prose}"]), "lang").assign(model=v)
+    prose_nmi = pd.concat([mr.metrics.label_nmi(load(v, prose), "lang").assign(model=v)
                            for v in variants], ignore_index=True)
     side = pd.concat({f"{part} (UI strings)": nmi.set_index(["model", "layer"])["nmi"],
                       f"{prose} (prose)": prose_nmi.set_index(["model", "layer"])["nmi"]}, axis=1).round(3)
@@ -435,9 +479,10 @@ summary
 
 # %%
 def check(holds: bool, claim: str) -> None:
-    """Assert a headline claim on the demo; for another MODEL, say whether it holds."""
-    assert holds or "untrained" not in traces, f"does not hold on the demo: {claim}"
-    print(("holds: " if holds else f"does not hold for {MODEL}: ") + claim)
+    """Assert a headline claim on the demo; for another MODEL (or the shuffled control), say whether it holds."""
+    assert holds or "untrained" not in traces or SHUFFLE_LABELS, f"does not hold on the demo: {claim}"
+    subject = f"{MODEL} with shuffled labels" if SHUFFLE_LABELS else MODEL
+    print(("holds: " if holds else f"does not hold for {subject}: ") + claim)
 
 
 nmi_best = nmi.groupby("model")["nmi"].max()

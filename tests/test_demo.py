@@ -273,7 +273,7 @@ def test_short_training_runs_are_reproducible_complete_and_loadable(tmp_path, mo
 
     runs = {}
     for name in ("a", "b"):
-        root = tmp_path / name / "demo-v1"
+        root = tmp_path / name / demo.demo_version()  # the cache directory demo_model_path looks in
         facts = demo.train_demo_model(root, steps=4, seconds=300, seed=1, threads=1, progress=False)
         assert facts["steps"] == 4 and facts["stopped_by"] == "steps" and facts["seed"] == 1
         assert demo._complete(root)

@@ -150,3 +150,23 @@ def test_claims_hold_on_a_second_model(source: Path, second_model: Path, kernel:
     checks = re.findall(r"^(holds|does not hold for [^:]*): (.*)$", output_text(cells), flags=re.M)
     if source.stem[:2] in ("02", "03", "04", "06"):  # notebooks with a check cell of headline claims
         assert checks, f"{source.name}: the check cell reported no claim for {second_model}"
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+@pytest.mark.timeout(TIMEOUT + 120, func_only=True)
+def test_claims_take_the_other_branch_on_shuffled_labels(runs_dir: Path, kernel: str) -> None:  # noqa: F811
+    """Notebook 04 with (language, script) shuffled among the documents (``SHUFFLE_LABELS``): the routing says
+    nothing about the labels, so its check cell must print that the headline claims do not hold (the computed
+    sentences take their other branch), while its prose numbers stay backed by its outputs."""
+    source = next(p for p in NOTEBOOKS if p.stem.startswith("04"))
+    cells = _executed_cells(source, kernel, {"RUNS": str(runs_dir), "SHUFFLE_LABELS": True})
+    assert not unbacked(source.stem, cells)
+    text = output_text(cells)
+    verdicts = dict((claim.split(" (")[0][:60], head) for head, claim in
+                    re.findall(r"^(holds|does not hold for [^:]*): (.*)$", text, flags=re.M))
+    assert verdicts, "the check cell printed no claim"
+    failed = {c for c, head in verdicts.items() if head.startswith("does not hold for demo with shuffled labels")}
+    assert any(c.startswith("best-layer NMI") and "untrained" not in c for c in failed), verdicts
+    assert any(c.startswith("the expert says something about the language beyond") for c in failed), verdicts
+    assert "Control run" in text

@@ -1,11 +1,11 @@
 """The embedded default model: a byte-level BPE tokenizer and a tiny Qwen3-MoE trained on CPU on the demo corpus.
 
 ``demo_model_path("trained")`` returns a directory that ``from_pretrained`` reads (config, safetensors weights,
-tokenizer); the first call trains the model (about 3 minutes on 2 CPU cores) and caches it under
-``$MOE_ROUTING_CACHE/<version>`` (default ``~/.cache/moe_routing/demo-v1``; ``MOE_ROUTING_DEMO_VERSION=demo-v2``
-selects the reproducible recipe, see ``RECIPES``)::
+tokenizer); the first call trains the model (about 4 minutes on one CPU core) and caches it under
+``$MOE_ROUTING_CACHE/<version>`` (default ``~/.cache/moe_routing/demo-v2``, the reproducible recipe;
+``MOE_ROUTING_DEMO_VERSION=demo-v1`` selects the original one, see ``RECIPES``)::
 
-    demo-v1/
+    demo-v2/
       trained/     config.json, model.safetensors, tokenizer files, demo_facts.json
       untrained/   the same model at its initial weights (same seed, same tokenizer): the baseline
 
@@ -16,9 +16,11 @@ The model (``qwen3_moe``): 4 layers, hidden 128, 4 heads (2 KV heads), 16 expert
 weights, expert width 128, vocabulary 4096, tied embeddings. It is trained on the ``train`` split of
 ``load_corpus("demo")`` (24 languages mixed; each text is one sequence, batched by similar length, padded on the
 right, batches shuffled) with next-token loss plus the load-balancing loss (``router_aux_loss_coef=0.01``), AdamW,
-warm-up and cosine decay, for a fixed number of steps with a wall-clock cap. Threads: 2 on idle cores (measured
-1.6-1.7x one thread on 2 cores), 1 when other work is running (2 threads then stall on each other, see
-``default_threads``); experts backend: ``grouped_mm`` (1.05-1.2x ``eager`` on CPU; ``batched_mm`` is far slower).
+warm-up and cosine decay, for a fixed number of steps (demo-v2: one training thread and deterministic kernels,
+whatever the process's thread settings, so the same software gives bit-identical weights on any machine of this
+kind; demo-v1: 2 threads on idle cores, 1 under load, with a wall-clock cap, see ``default_threads``); experts
+backend: ``grouped_mm`` (1.05-1.2x ``eager`` on CPU; ``batched_mm`` is far slower). ``demo_facts.json`` records
+the weights' SHA-256 (:func:`weights_sha256`).
 
 Run ``python -m moe_routing.demo`` to train (or find) the cache and print its facts.
 """
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 
 DEMO_MODEL_ID = "demo"
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
 FACTS_FILE = "demo_facts.json"
 
 PAD_TOKEN = "<|pad|>"
@@ -82,7 +84,7 @@ DEFAULT_SECONDS = 200.0
 #: binds, on the machine's speed. ``demo-v2``: reproducible: always 1 training thread whatever
 #: ``OMP_NUM_THREADS`` says (1 and 2 threads give different weights: measured by
 #: ``benchmarks/demo_reproducibility.py``), a cap that binds only on a stalled machine, deterministic kernels.
-#: ``MOE_ROUTING_DEMO_VERSION`` selects one (default ``DEMO_VERSION``); each has its own cache directory.
+#: ``MOE_ROUTING_DEMO_VERSION`` selects one (default ``DEMO_VERSION``, demo-v2); each has its own cache directory.
 RECIPES: dict[str, dict[str, Any]] = {
     "demo-v1": {"threads": None, "seconds": DEFAULT_SECONDS, "deterministic": False},
     "demo-v2": {"threads": 1, "seconds": 3600.0, "deterministic": True},
@@ -120,7 +122,7 @@ def _complete(root: Path) -> bool:
 def demo_model_path(which: str = "trained", *, retrain: bool = False) -> Path:
     """Directory of the demo model (``which="trained"`` or ``"untrained"``), training it first when absent.
 
-    The first call trains for about 3 minutes on 2 CPU cores (a progress bar and a one-line notice go to stderr);
+    The first call trains for about 4 minutes on one CPU core (a progress bar and a one-line notice go to stderr);
     later calls return the cached directory at once. ``retrain=True`` rebuilds the cache.
     """
     if which not in ("trained", "untrained"):
@@ -128,7 +130,7 @@ def demo_model_path(which: str = "trained", *, retrain: bool = False) -> Path:
     root = demo_cache_dir()
     if retrain or not _complete(root):
         print(
-            f"moe_routing: training the demo MoE model (about 3 min on 2 CPU cores, once); cache: {root}",
+            f"moe_routing: training the demo MoE model (about 4 min on one CPU core, once); cache: {root}",
             file=sys.stderr,
             flush=True,
         )
@@ -219,7 +221,9 @@ def train_tokenizer(texts: list[str]):
 def _batches(lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     """Indices of texts grouped by similar length into batches of at most ``BATCH_TOKENS`` padded tokens."""
     order = np.argsort(lengths + rng.random(len(lengths)), kind="stable")  # random tie-break
-    batches, cur, cur_max = [], [], 0
+    batches: list[np.ndarray] = []
+    cur: list[int] = []
+    cur_max = 0
     for i in order:
         n = int(lengths[i])
         if cur and max(cur_max, n) * (len(cur) + 1) > BATCH_TOKENS:

@@ -296,7 +296,7 @@ def tiny_moe(model_type: str = "qwen3_moe", *, seed: int = 0, model_class: str |
     import transformers
 
     config = tiny_config(model_type, **overrides)
-    cls = getattr(transformers, model_class) if model_class else transformers.AutoModelForCausalLM
+    cls: Any = getattr(transformers, model_class) if model_class else transformers.AutoModelForCausalLM
     torch.manual_seed(seed)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     return model.float().eval()
