@@ -199,10 +199,12 @@ for v in variants:
     say(f"**{v}**: at capacity factor 1 it drops {r.loc[1.0, 'drop_rate']:.0%} of its routed slots, against",
         f"{r.loc[1.0, 'drop_rate_random']:.0%} for random routing of the same sequences;",
         f"at factor {max(CAPACITY_FACTORS):g} it still drops {r.loc[max(CAPACITY_FACTORS), 'drop_rate']:.0%}.")
-# %% [markdown]
-# Even a balanced router drops more than random routing when each sequence is its own group: the group is
-# small, and a router that is deterministic in the token sends every repeat of a frequent token to the same
-# queue.
+over_random = [v for v in variants if rates.loc[(v, 1.0), "drop_rate"] > rates.loc[(v, 1.0), "drop_rate_random"]]
+say(("Every model here drops more than random routing" if len(over_random) == len(variants) else
+     f"Only {', '.join(over_random) or 'none of the models'} drops more than random routing"),
+    "when each sequence is its own group: the group is small, and a router that is deterministic in the token",
+    "sends every repeat of a frequent token to the same queue." if over_random else
+    "(random routing spreads a small group's slots no better than this router does).")
 
 # %% [markdown]
 # ### Per sequence or per batch?

@@ -22,8 +22,8 @@
 # experts, how well a linear probe recovers the language from the chosen experts, and the normalised mutual
 # information between language and first-choice expert against a shuffled-label floor. One sentence is then
 # shown token by token in three languages. On the demo, every number is compared with the same model at its
-# initial weights (untrained): an untrained router already routes each token id to a fixed, random expert, so
-# only the difference between the two is learning. Set `MODEL` to a Hugging Face id and `CORPUS = "flores"`
+# initial weights (untrained): an untrained router already sends each token id mostly to the same random
+# experts, so only the difference between the two is learning. Set `MODEL` to a Hugging Face id and `CORPUS = "flores"`
 # for the real study on FLORES-200.
 
 # %% tags=["parameters"]
@@ -196,8 +196,9 @@ for v, tab in script_table.groupby(level="model", sort=False):
         "The router separates the languages by writing system." if (d > s_).all() else
         "In some layer languages of the same script diverge as much as languages of different scripts.")
 if "untrained" in traces:
-    say("Different scripts use different token ids, and a random router already sends each id to its own expert,"
-        " so the untrained model's separation comes for free; only the difference between the two is learned.")
+    say("Different scripts use different token ids, and a random router already sends each id mostly to the same"
+        " experts, so the untrained model's separation comes for free; only the difference between the two is"
+        " learned.")
 
 # %% [markdown]
 # ## Divergence from English over depth (Bandarkar et al. 2025)
