@@ -301,9 +301,9 @@ if thinking is not None:
 # ## Check
 #
 # (a) The language contrast has experts whose interval excludes 0, more than the null contrast of German vs
-# German has (which should have about none), and its divergence clears the shuffled floor in at least one
-# layer. (b) On the demo, the two checkpoints agree much less than identical routers would: their top-k
-# overlap is closer to the random baseline than to 1 in every layer.
+# German has (whose 95% intervals exclude 0 about once in twenty by chance), and its divergence clears the
+# shuffled floor in at least one layer. (b) On the demo, the two checkpoints agree much less than identical
+# routers would: their top-k overlap is closer to the random baseline than to 1 in every layer.
 
 # %%
 def check(holds: bool, claim: str) -> None:
