@@ -169,4 +169,6 @@ def test_claims_take_the_other_branch_on_shuffled_labels(runs_dir: Path, kernel:
     failed = {c for c, head in verdicts.items() if head.startswith("does not hold for demo with shuffled labels")}
     assert any(c.startswith("best-layer NMI") and "untrained" not in c for c in failed), verdicts
     assert any(c.startswith("the expert says something about the language beyond") for c in failed), verdicts
-    assert "Control run" in text
+    assert any(c.startswith("languages of different scripts diverge more") for c in failed), verdicts
+    assert failed == set(verdicts), f"claims that hold on shuffled labels: {set(verdicts) - failed}"
+    assert "Control run" in text and "training did not add information beyond the token" in text
