@@ -10,6 +10,7 @@ absolute weight difference, and the differences of the headline numbers.
 
     python benchmarks/demo_reproducibility.py            # recipe demo-v2; OMP 1, OMP 2, OMP 2 with 2 threads
     python benchmarks/demo_reproducibility.py --steps 15 --no-nmi --runs 1 2:2 1:1:nodet   # a quick check
+    python benchmarks/demo_reproducibility.py --step-timing 5 --steps 5   # cost of deterministic mode per step
 
 A run spec is ``OMP[:THREADS][:nodet]``: ``OMP_NUM_THREADS`` of the process, the torch threads for training
 (default: the recipe's, demo-v2 trains on 1 thread whatever OMP says) and ``nodet`` for
@@ -66,6 +67,50 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(record))
 
 
+def step_timing(rounds: int, steps: int) -> None:
+    """Seconds per training step of the demo model on 1 thread, deterministic mode on vs off, interleaved.
+
+    The demo-v2 recipe differs from a 1-thread demo-v1 run only by ``torch.use_deterministic_algorithms``; this
+    measures what that costs per step (random token batches of the recipe's shape; the tokenizer, the data and
+    the evaluation, which cost the same either way, are left out).
+    """
+    import statistics
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_routing import demo
+
+    torch.set_num_threads(1)
+    config = AutoConfig.for_model("qwen3_moe", **demo.MODEL_CONFIG, output_router_logits=True)
+    config._experts_implementation = demo.EXPERTS_IMPLEMENTATION
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    width = 32
+    ids = torch.randint(2, demo.VOCAB_SIZE, (demo.BATCH_TOKENS // width, width))
+
+    def block(det: bool) -> float:
+        torch.use_deterministic_algorithms(det, warn_only=True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.use_deterministic_algorithms(False)
+        return (time.perf_counter() - t0) / steps
+
+    block(False)  # warm-up
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for det in (False, True):
+            times[det].append(block(det))
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    print(f"seconds per training step, 1 thread, {rounds} interleaved rounds of {steps} steps (medians): "
+          f"deterministic {on:.3f}, not deterministic {off:.3f}, ratio {on / off:.3f}")
+
+
 def max_weight_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
@@ -83,12 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument("--json", default=None, help="also write the records to this file")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--step-timing", type=int, default=0, metavar="ROUNDS",
+                        help="only time training steps with deterministic mode on vs off (ROUNDS interleaved)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--nodet", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.step_timing:
+        step_timing(args.step_timing, args.steps or 5)
         return 0
 
     from moe_routing import demo

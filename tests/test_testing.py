@@ -2,7 +2,8 @@
 
 The proxies' main job (``demo_runs``: capture the demo corpus into a trace directory, then the notebooks'
 metrics on it) runs on the Qwen3-30B-A3B and DeepSeek-V3 shapes in ``test_main_job_on_a_routing_proxy``
-(slow: about a minute each on 2 shared cores, measured with ``--durations``).
+(slow; measured on 2 cores shared by many jobs, load ~14: the Qwen3-30B shape captured 2,574 tokens (6
+languages x 15 texts) in 329 s, so the corpus is 3 languages x 5 texts; the test prints its own timings).
 """
 
 from __future__ import annotations
@@ -194,9 +195,9 @@ def test_main_job_on_a_routing_proxy(name: str, tmp_path) -> None:
     t0 = time.perf_counter()
     path = routing_proxy(name, tmp_path / name)
     t1 = time.perf_counter()
-    langs = ["en", "de", "ru", "ja", "ar", "hi"]
-    run = demo_runs(str(path), tmp_path / "runs", parts=("heldout",), langs=langs, max_per_lang=15,
-                    batch_size=16, progress=False)["model/heldout"]
+    langs = ["en", "ru", "ja"]
+    run = demo_runs(str(path), tmp_path / "runs", parts=("heldout",), langs=langs, max_per_lang=5,
+                    batch_size=15, progress=False)["model/heldout"]
     t2 = time.perf_counter()
     reader = mr.open_trace(run)
     assert reader.complete
