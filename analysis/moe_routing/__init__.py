@@ -68,3 +68,6 @@ __all__ = [
     "plots",
     "supported_families",
 ]
+from .demo_pipeline import open_runs  # noqa: E402
+from .identity import load_tokenizer  # noqa: E402
+from .pipeline import trace_status  # noqa: E402
