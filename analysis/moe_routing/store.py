@@ -153,7 +153,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise TraceError(
             f"could not write {path}: {exc.strerror or exc}. Completed shards in {path.parent} are intact; "
             "free disk space (or fix permissions) and re-run the same command to continue."
@@ -312,12 +313,13 @@ def stored_weights_dtype(schema: pa.Schema) -> str:
     return "float16" if pa.types.is_float16(t) else "float32"
 
 
-def write_shard(table: pa.Table, path: Path, *, row_group_bytes: int = ROW_GROUP_BYTES) -> None:
+def write_shard(table: pa.Table, path: Path, *, row_group_bytes: int | None = None) -> None:
     """Write one shard atomically (temporary name, fsync, rename). Deterministic bytes for equal tables.
 
     Row groups of about ``row_group_bytes`` (uncompressed), with statistics, so readers can skip them; float32
     weights with BYTE_STREAM_SPLIT (16-bit values widened to float32 then compress to about 16 bits)."""
     sink = pa.BufferOutputStream()
+    row_group_bytes = ROW_GROUP_BYTES if row_group_bytes is None else row_group_bytes
     rows = max(1, int(row_group_bytes * max(table.num_rows, 1) // max(table.nbytes, 1)))
     split = [] if stored_weights_dtype(table.schema) != "float32" else ["weights.list.element.list.element"]
     pq.write_table(table, sink, compression="zstd", write_statistics=True, row_group_size=rows,
