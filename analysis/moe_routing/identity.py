@@ -215,7 +215,7 @@ def _tokenizer_sources(source: Any) -> tuple[list[str], str]:
         names = [str(source.meta.get("tokenizer") or ""), source.model_name]
         return [n for n in names if n], f"the trace of {source.model_name or 'an unnamed model'}"
     elif isinstance(source, (str, os.PathLike)) and (Path(source) / MANIFEST).is_file():
-        manifest, what = read_manifest(source), f"the trace {source}"
+        manifest, what = read_manifest(Path(source)), f"the trace {source}"
     elif isinstance(source, (str, os.PathLike)):
         return [resolve_model_path(source)], f"the model {source}"
     else:
@@ -223,8 +223,9 @@ def _tokenizer_sources(source: Any) -> tuple[list[str], str]:
 
         raise SettingError(f"load_tokenizer takes a trace directory, a TraceReader, a RoutingTrace or a model "
                            f"name/path, got {type(source).__name__}.")
-    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
-    meta = manifest.get("meta") if isinstance(manifest.get("meta"), dict) else {}
+    raw_tok, raw_meta = manifest.get("tokenizer"), manifest.get("meta")
+    tok: Mapping[str, Any] = raw_tok if isinstance(raw_tok, dict) else {}
+    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     names = [str(tok.get("name_or_path") or ""), str(meta.get("tokenizer") or ""),
              str(manifest.get("model_name") or "")]
     out: list[str] = []

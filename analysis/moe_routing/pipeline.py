@@ -80,7 +80,7 @@ class _Chunk:
 
 
 def _iter_records(data: Any, labels: Sequence[str] | Mapping[str, Sequence[Any]] | None,
-                  text_column: str) -> tuple[Iterator[tuple[str, dict[str, Any]]], list[str], int | None]:
+                  text_column: str) -> tuple[Iterator[tuple[Any, dict[str, Any]]], list[str], int | None]:
     """(records, label names, length or None) for a list of texts, a DataFrame, a datasets.Dataset, dicts."""
     if isinstance(data, str):
         raise CorpusError("capture_corpus got a single string; pass a list of texts (or a DataFrame / dataset).")
@@ -109,7 +109,7 @@ def _iter_records(data: Any, labels: Sequence[str] | Mapping[str, Sequence[Any]]
         raise CorpusError("labels= must map a name to one value per text when the corpus is a list of texts.")
     length = len(data) if hasattr(data, "__len__") else None
 
-    def gen() -> Iterator[tuple[str, dict[str, Any]]]:
+    def gen() -> Iterator[tuple[Any, dict[str, Any]]]:
         for item in data:
             if isinstance(item, Mapping):
                 yield item.get(text_column), {k: v for k, v in item.items() if k != text_column}
@@ -234,7 +234,8 @@ def _differences(old: Mapping[str, Any], settings: Mapping[str, Any], identity: 
     """Each setting or model fact that differs between a trace's manifest and this run, as readable text
     (``all_settings=False``: only the settings given are compared)."""
     diffs = []
-    old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+    raw_settings = old.get("settings")
+    old_settings: dict[str, Any] = raw_settings if isinstance(raw_settings, dict) else {}
     keys = set(settings) | set(old_settings) if all_settings else set(settings)
     for key in sorted(keys):
         if old_settings.get(key) != settings.get(key):
@@ -304,7 +305,8 @@ def _status(out: Path, settings: Mapping[str, Any] | None, identity: Mapping[str
         return TraceStatus("stale", diffs)
     if not old.get("complete"):
         return TraceStatus("partial", ["the capture was interrupted (or is running)"])
-    listed = old.get("shards") if isinstance(old.get("shards"), dict) else {}
+    raw_listed = old.get("shards")
+    listed: dict[str, Any] = raw_listed if isinstance(raw_listed, dict) else {}
     present = {p.name for p in (out / SHARD_DIR).glob("part-*.parquet")} if (out / SHARD_DIR).is_dir() else set()
     missing = sorted(set(listed) - present)
     if missing:

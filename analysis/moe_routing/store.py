@@ -180,7 +180,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Delete ``.<name>.tmp-<pid>`` files left by writers that no longer run; another live process's in-flight
     temporary files are never touched. Returns the files removed."""
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():
@@ -668,7 +668,8 @@ class TraceReader:
             if self.has_logits:
                 e = table.schema.field("router_logits").type.value_type.list_size
                 logits = _unnest(table["router_logits"], n_layers, e, np.float16)
-            meta = self.manifest.get("meta") if isinstance(self.manifest.get("meta"), dict) else {}
+            raw_meta = self.manifest.get("meta")
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
             return RoutingTrace(
                 expert_ids=ids,
                 weights=w,

@@ -364,9 +364,10 @@ class RoutingTrace:
 
     def select(self, mask: np.ndarray | None = None, *, layers: Sequence[int] | None = None) -> RoutingTrace:
         """A sub-trace: tokens where ``mask`` is True (``[tokens]`` bool or indices) and/or some MoE layers."""
-        idx = slice(None) if mask is None else np.asarray(mask)
-        if mask is not None and idx.dtype == bool and len(idx) != self.num_tokens:
-            raise TraceError(f"mask has {len(idx)} entries, the trace has {self.num_tokens} tokens.")
+        arr = None if mask is None else np.asarray(mask)
+        if arr is not None and arr.dtype == bool and len(arr) != self.num_tokens:
+            raise TraceError(f"mask has {len(arr)} entries, the trace has {self.num_tokens} tokens.")
+        idx: Any = slice(None) if arr is None else arr
         lidx = slice(None) if layers is None else [self.layer_index(x) for x in layers]
         new_layers = self.layers if layers is None else tuple(int(x) for x in layers)
         logits = None
@@ -484,7 +485,9 @@ class RoutingTrace:
             return False
         if (self.router_logits is None) != (other.router_logits is None):
             return False
-        return self.router_logits is None or np.array_equal(self.router_logits, other.router_logits, equal_nan=True)
+        if self.router_logits is None or other.router_logits is None:
+            return True
+        return np.array_equal(self.router_logits, other.router_logits, equal_nan=True)
 
 
 def _positions_within_docs(doc_ids: np.ndarray) -> np.ndarray:
