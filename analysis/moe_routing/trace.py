@@ -456,14 +456,18 @@ class RoutingTrace:
         return xr.Dataset(data, coords=coords, attrs={"model_name": self.model_name, "num_experts": self.num_experts})
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, *, overwrite: bool = False, tokens_per_shard: int | None = None) -> Path:
-        """Write the trace as a trace directory (Parquet shards + JSON manifest). Returns the path.
+    def save(self, path: str | Path, *, overwrite: bool = False, tokens_per_shard: int | None = None,
+             weights_dtype: Literal["auto", "float32", "float16"] = "float32") -> Path:
+        """Write the trace as a trace directory (Parquet shards + JSON manifest + document index).
 
-        ``tokens_per_shard`` splits it into shards of about that many tokens (documents never span shards).
+        ``tokens_per_shard`` splits it into shards of about that many tokens (documents never span shards);
+        ``weights_dtype``: ``"float16"`` rounds weights to 16 bits, ``"auto"`` stores 16 bits where lossless.
+        Returns the path.
         """
         from .store import write_trace
 
-        return write_trace(self, path, overwrite=overwrite, tokens_per_shard=tokens_per_shard)
+        return write_trace(self, path, overwrite=overwrite, tokens_per_shard=tokens_per_shard,
+                           weights_dtype=weights_dtype)
 
     @classmethod
     def load(cls, path: str | Path, *, layers: Sequence[int] | None = None) -> RoutingTrace:
