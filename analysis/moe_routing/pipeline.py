@@ -558,7 +558,8 @@ def capture_corpus(
         max_length: tokens per chunk; longer texts are split into chunks (default: the model's
             ``max_position_embeddings``, capped at 2048).
         batches_per_shard: batches per Parquet shard; by default a shard holds about ``shard_bytes``
-            (uncompressed, from the real shape: layers x top-k x the stored dtypes). Memory holds ~2 shards.
+            (uncompressed, from the real shape: layers x top-k x the stored dtypes). Memory holds at most three
+            (one filling, one queued, one being written).
         weights_dtype: ``"auto"`` stores weights in 16 bits when the model computes in bf16/fp16 (float16 in
             Parquet where every value survives the round trip, else float32: lossless either way), float32 for
             a float32 model; ``"float16"`` rounds them to 16 bits; recorded in the manifest.
@@ -718,9 +719,7 @@ class _Run:
                    ) -> tuple[dict[str, dict[str, Any]], list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
                               dict[str, int]]:
         """Forward every batch of this rank's shards; a writer thread writes each finished shard."""
-        bar = _progress(self.progress and self.rank == 0,
-                        self.max_tokens if self.length is None or self.length > 200_000 or self.max_tokens
-                        else None, self.length)
+        bar = _progress(self.progress and self.rank == 0, self.max_tokens, self.length)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         kwargs = _forward_kwargs(self.model)
