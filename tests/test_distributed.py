@@ -30,3 +30,8 @@ def test_torchrun_two_ranks_equal_single_process(qwen3_moe, tokenizer, tmp_path)
     a, b = mr.RoutingTrace.load(out), single.read()
     assert a.equals(b)
     assert np.array_equal(a.doc_ids, b.doc_ids)
+    # the document index rank 0 writes from the plan matches the rows both ranks wrote
+    index = mr.open_trace(out).document_index()
+    assert index is not None and index.equals(single.document_index())
+    docs = [0, int(a.doc_ids.max())]
+    assert mr.open_trace(out).read_documents(docs).equals(a.select(np.isin(a.doc_ids, docs)))
