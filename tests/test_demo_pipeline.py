@@ -53,3 +53,18 @@ def test_retrained_weights_are_captured_again(model_dir, tmp_path, capsys):
     assert "other weights" in capsys.readouterr().err
     assert again == first and not np.array_equal(mr.RoutingTrace.load(again).expert_ids, ids)
     assert json.loads((again / "manifest.json").read_text())["complete"]
+
+
+def test_open_runs_opens_every_variant_and_part(model_dir, tmp_path):
+    from moe_routing.pipeline import trace_status
+
+    runs_dir = tmp_path / "runs"
+    kw = {"max_per_lang": 5, "max_tokens": 200, "progress": False}
+    runs = mr.open_runs(str(model_dir), runs_dir, ("heldout",), **kw)
+    assert runs.variants == ["model"] and runs.parts == ["heldout"]
+    reader = runs["model"]["heldout"]
+    assert isinstance(reader, mr.TraceReader) and reader.complete and reader.num_tokens == 200
+    assert runs.main["heldout"].path == runs.paths["model"]["heldout"]
+    assert trace_status(reader.path, str(model_dir), {"max_tokens": 200}) == "complete"
+    with pytest.raises(mr.CorpusError, match="no variant"):
+        runs["trained"]

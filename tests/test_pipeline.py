@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import moe_routing as mr
-from moe_routing.errors import CorpusError, TraceError
+from conftest import make_qwen3_moe
+from moe_routing.errors import CorpusError, SettingError, TraceError
 
 TEXTS = [f"The quick brown fox {i} jumps. " * (1 + i % 7) for i in range(30)]
 
@@ -234,3 +235,135 @@ def test_bad_settings_are_project_errors(qwen3_moe, tokenizer, tmp_path, kw):
 
     with pytest.raises(SettingError, match=next(iter(kw))):
         run(qwen3_moe, tokenizer, tmp_path, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- issue 15 / 17 / 13
+def test_trace_status_is_the_one_decision(qwen3_moe, tokenizer, tmp_path):
+    from moe_routing.pipeline import trace_status
+
+    out = tmp_path / "t"
+    assert trace_status(out, qwen3_moe) == "absent"
+    run(qwen3_moe, tokenizer, out, TEXTS[:10])
+    status = trace_status(out, qwen3_moe, {"batch_size": 4})
+    assert status == "complete" and status.reasons == ()
+    assert trace_status(out, qwen3_moe, {"batch_size": 8}) == "stale"
+    assert "batch_size" in trace_status(out, qwen3_moe, {"batch_size": 8}).reasons[0]
+    other = make_qwen3_moe(seed=5)
+    assert trace_status(out, other) == "stale"
+    victim = sorted((out / "shards").glob("part-*.parquet"))[0]
+    victim.unlink()
+    partial = trace_status(out, qwen3_moe)
+    assert partial == "partial" and victim.name in partial.reasons[0]
+    run(qwen3_moe, tokenizer, out, TEXTS[:10])
+    assert trace_status(out, qwen3_moe) == "complete"
+
+
+def test_trace_status_of_a_model_directory_without_loading_it(tokenizer, tmp_path):
+    from moe_routing.pipeline import trace_status
+
+    path = tmp_path / "model"
+    make_qwen3_moe(seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model, tok = mr.load_model(str(path))
+    out = tmp_path / "t"
+    run(model, tok, out, TEXTS[:6])
+    assert trace_status(out, str(path), {"batch_size": 4}) == "complete"
+    make_qwen3_moe(seed=1).save_pretrained(path)  # new weight files
+    stale = trace_status(out, str(path))
+    assert stale == "stale" and "weight files" in stale.reasons[0]
+    # capture_corpus agrees: the loaded model of the new files is another model; if_stale decides
+    model2, tok2 = mr.load_model(str(path))
+    with pytest.raises(TraceError, match="model weights"):
+        run(model2, tok2, out, TEXTS[:6])
+    run(model2, tok2, out, TEXTS[:6], if_stale="overwrite")
+    assert trace_status(out, model2) == "complete"
+
+
+def test_lm_head_runs_on_one_position_only(tokenizer, tmp_path):
+    model = make_qwen3_moe()
+    widths = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    try:
+        run(model, tokenizer, tmp_path, TEXTS[:8])
+    finally:
+        handle.remove()
+    assert widths and set(widths) == {1}  # the routing of every position, the LM head of none but the last
+
+
+def test_writer_error_surfaces_and_the_trace_is_never_complete(qwen3_moe, tokenizer, tmp_path):
+    import os
+
+    out = tmp_path / "t"
+    (out / "shards").mkdir(parents=True)
+    blocker = out / "shards" / f".part-000001.parquet.tmp-{os.getpid()}"
+    blocker.mkdir()  # the writer thread cannot create its temporary file for shard 1
+    with pytest.raises(TraceError, match="could not write"):
+        run(qwen3_moe, tokenizer, out, TEXTS[:12])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    assert not mr.open_trace(out).complete
+    blocker.rmdir()
+    reader = run(qwen3_moe, tokenizer, out, TEXTS[:12])
+    assert reader.complete and reader.read().num_tokens == sum(len(tokenizer(t)["input_ids"]) for t in TEXTS[:12])
+
+
+def test_shards_are_sized_by_bytes_from_the_real_shape(qwen3_moe, tokenizer, tmp_path):
+    from moe_routing.store import TraceLayout
+
+    reader = run(qwen3_moe, tokenizer, tmp_path, batches_per_shard=None, shard_bytes=6_000)
+    layout = TraceLayout(layers=reader.layers, num_experts=reader.num_experts, top_k=reader.top_k,
+                         labels=tuple(reader.label_names), weights_dtype=reader.manifest["weights_dtype"])
+    target = 6_000 // layout.bytes_per_token()
+    sizes = [r["tokens"] for _, r in sorted(reader.records.items())]
+    assert len(sizes) > 2
+    assert all(s >= target for s in sizes[:-1])  # a shard closes at the first batch that reaches the target
+    assert all(s < target + 4 * 32 for s in sizes)  # ... and is at most one batch over
+    assert reader.manifest["settings"]["shard_bytes"] == 6_000
+
+
+def test_bf16_weights_are_stored_in_16_bits_losslessly(tokenizer, tmp_path):
+    import pyarrow.parquet as pq
+
+    model = make_qwen3_moe().to(torch.bfloat16)
+    auto = run(model, tokenizer, tmp_path / "auto", TEXTS[:10])
+    wide = run(model, tokenizer, tmp_path / "wide", TEXTS[:10], weights_dtype="float32")
+    assert auto.manifest["weights_dtype"] == "float16" and wide.manifest["weights_dtype"] == "float32"
+    kinds = {str(pq.read_schema(p).field("weights").type.value_type.value_type) for p in auto.shards()}
+    assert kinds == {"halffloat"}, kinds
+    a, w = auto.read(), wide.read()
+    assert np.array_equal(a.weights, w.weights) and np.array_equal(a.expert_ids, w.expert_ids)  # lossless
+    assert auto.manifest["weights_stored"] == {"float16": len(auto.shards())}
+    def raw_weight_bytes(reader):  # uncompressed size of the weights column, all shards
+        total = 0
+        for p in reader.shards():
+            md = pq.ParquetFile(p).metadata
+            for g in range(md.num_row_groups):
+                for c in range(md.num_columns):
+                    col = md.row_group(g).column(c)
+                    total += col.total_uncompressed_size if col.path_in_schema.startswith("weights") else 0
+        return total
+
+    assert raw_weight_bytes(auto) < 0.6 * raw_weight_bytes(wide)
+
+
+def test_float32_model_keeps_float32_unless_float16_is_asked(qwen3_moe, tokenizer, tmp_path):
+    exact = run(qwen3_moe, tokenizer, tmp_path / "a", TEXTS[:6])
+    half = run(qwen3_moe, tokenizer, tmp_path / "b", TEXTS[:6], weights_dtype="float16")
+    assert exact.manifest["weights_dtype"] == "float32" and half.manifest["weights_dtype"] == "float16"
+    a, h = exact.read(), half.read()
+    assert np.array_equal(h.weights, a.weights.astype(np.float16).astype(np.float32))
+    with pytest.raises(SettingError, match="weights_dtype"):
+        run(qwen3_moe, tokenizer, tmp_path / "c", TEXTS[:6], weights_dtype="int8")
+
+
+def test_documents_are_read_through_the_index(qwen3_moe, tokenizer, tmp_path):
+    reader = run(qwen3_moe, tokenizer, tmp_path, TEXTS[:20])
+    full = reader.read()
+    index = reader.document_index()
+    assert index is not None and index.num_rows == len(np.unique(full.doc_ids))
+    want = [0, 5, int(full.doc_ids.max())]
+    got = reader.read_documents(want)
+    ref = full.select(np.isin(full.doc_ids, want))
+    assert got.equals(ref)
+    with pytest.raises(TraceError, match="no document"):
+        reader.read_documents([10_000])

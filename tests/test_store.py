@@ -8,6 +8,7 @@ import pytest
 import moe_routing as mr
 from moe_routing.errors import CorruptShardError, TraceError
 from moe_routing.store import TraceReader
+from moe_routing.trace import RoutingTrace
 from test_trace import random_trace
 
 
@@ -191,3 +192,46 @@ def test_a_locked_directory_is_refused_with_the_lock_named(tmp_path):
             random_trace().save(tmp_path, overwrite=True)
         assert not (tmp_path / "manifest.json").exists()
     random_trace().save(tmp_path)  # released: the next writer gets in
+
+
+def test_documents_are_read_from_their_row_groups_only(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from moe_routing import store
+
+    monkeypatch.setattr(store, "ROW_GROUP_BYTES", 2_000)  # many row groups in a small trace
+    rng = np.random.default_rng(0)
+    n = 3_000
+    docs = np.repeat(np.arange(60), 50)
+    t = RoutingTrace.from_arrays(rng.integers(0, 8, (n, 3, 2)), rng.random((n, 3, 2), dtype=np.float32),
+                                 num_experts=8, doc_ids=docs, labels={"lang": np.array(["de", "fr"] * (n // 2))})
+    path = t.save(tmp_path / "t", tokens_per_shard=1_000)
+    reader = mr.open_trace(path)
+    groups = [pq.ParquetFile(p).num_row_groups for p in reader.shards()]
+    assert len(groups) == 3 and min(groups) > 5
+    index = reader.document_index()
+    assert index is not None and index.num_rows == 60
+    want = [3, 31, 59]
+    got = reader.read_documents(want)
+    assert got.equals(t.select(np.isin(t.doc_ids, want)))
+    # an index left by another run is never trusted: the reader falls back to row-group statistics
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["fingerprint"] = "0" * 16
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    other = mr.open_trace(path, skip_corrupt=True)
+    assert other.document_index() is None
+
+
+def test_write_trace_weights_dtype(tmp_path):
+    rng = np.random.default_rng(1)
+    exact16 = rng.random((40, 2, 2)).astype(np.float16).astype(np.float32)  # values a 16-bit model computed
+    t = RoutingTrace.from_arrays(rng.integers(0, 4, (40, 2, 2)), exact16, num_experts=4)
+    auto = RoutingTrace.load(t.save(tmp_path / "a", weights_dtype="auto"))
+    assert np.array_equal(auto.weights, t.weights)
+    wide = rng.random((40, 2, 2), dtype=np.float32)  # not 16-bit values: auto keeps float32 (lossless)
+    t2 = RoutingTrace.from_arrays(t.expert_ids, wide, num_experts=4)
+    assert np.array_equal(RoutingTrace.load(t2.save(tmp_path / "b", weights_dtype="auto")).weights, wide)
+    half = RoutingTrace.load(t2.save(tmp_path / "c", weights_dtype="float16")).weights
+    assert np.array_equal(half, wide.astype(np.float16).astype(np.float32))
+    with pytest.raises(mr.TraceError, match="weights_dtype"):
+        t2.save(tmp_path / "d", weights_dtype="int8")

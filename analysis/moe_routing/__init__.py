@@ -69,3 +69,8 @@ __all__ = [
     "plots",
     "supported_families",
 ]
+from .demo_pipeline import open_runs  # noqa: E402
+from .identity import load_tokenizer  # noqa: E402
+from .pipeline import trace_status  # noqa: E402
+
+__all__ += ["load_tokenizer", "open_runs", "trace_status"]

@@ -5,8 +5,9 @@ train and held-out splits and on UDHR prose (held out, another domain). With a r
 (``make demo MODEL=Qwen/Qwen3-30B-A3B``) the same pipeline captures that model on FLORES-200 when the hub is
 reachable, otherwise on the offline demo corpus.
 
-Notebooks call ``demo_runs`` themselves, so they run on their own too; everything is cached: a complete trace
-directory is never redone. A trace directory's name carries every option that shapes it (``langs``,
+Notebooks open their traces with ``open_runs(MODEL, RUNS, parts)`` (which calls ``demo_runs``), so they run on
+their own too; everything is cached: a complete trace directory is never redone (``pipeline.trace_status``
+decides, from the model's weight files before any model is loaded). A trace directory's name carries every option that shapes it (``langs``,
 ``max_per_lang``, ``max_tokens``, ``batch_size``, ``dtype``): the defaults give ``<variant>-<part>``, other values
 ``<variant>-<part>-<hash of the options>``, so a call with other options never returns a trace made with these.
 """
@@ -18,6 +19,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +86,8 @@ def demo_runs(
     Each directory is keyed by the options that shape it (see the module docstring) and by the model's weight
     files: a retrained model is captured again.
     """
-    from .identity import files_id
-    from .models import load_model, resolve_model_path
-    from .pipeline import capture_corpus
+    from .models import load_model
+    from .pipeline import capture_corpus, trace_status
 
     runs = Path(runs)
     variants = model_variants(model)
@@ -94,50 +95,78 @@ def demo_runs(
         parts = DEMO_PARTS if "trained" in variants else _real_model_parts(langs)
     key = run_key(langs=langs, max_per_lang=max_per_lang, max_tokens=max_tokens, batch_size=batch_size,
                   dtype=dtype)
+    asked = {"batch_size": batch_size, "max_tokens": max_tokens}
     out: dict[str, Path] = {}
     for variant, name in variants.items():
         todo = {p: runs / _slug(model) / f"{variant}-{p}{key}" for p in parts}
         out.update({f"{variant}/{p}": d for p, d in todo.items()})
-        path = resolve_model_path(name)
-        wid = files_id(path)
-        if all(_complete(d, wid) for d in todo.values()):
+        status = {p: trace_status(d, name, asked) for p, d in todo.items()}  # by weight files: no model loaded
+        if all(s == "complete" for s in status.values()):
             continue
         loaded, tok = load_model(name, dtype=dtype, device_map=device_map)
         for part, directory in todo.items():
-            if _complete(directory, wid):
+            if status[part] == "complete":
                 continue
-            stale = (directory / "manifest.json").exists() and _weights_of(directory) != wid
-            if stale:
-                print(f"[moe-routing] {directory} was captured from other weights (or by an older moe-routing); "
-                      "capturing again", file=sys.stderr)
+            if status[part] == "stale":
+                print(f"[moe-routing] {directory} was captured from other weights or settings (or by an older "
+                      f"moe-routing: {'; '.join(status[part].reasons)}); capturing again", file=sys.stderr)
             corpus = load_part(part, langs=langs, max_per_lang=max_per_lang)
             print(f"[moe-routing] {variant} model on {part}: {len(corpus)} texts", file=sys.stderr, flush=True)
             capture_corpus(loaded, tok, corpus, directory, batch_size=batch_size, max_tokens=max_tokens,
                            labels=[c for c in LABELS if c in corpus.columns], progress=progress,
-                           overwrite=stale)
+                           if_stale="overwrite")
         del loaded
     return out
 
 
-def _weights_of(directory: Path) -> str | None:
-    """The weight-files id of the model a trace directory was captured from (None when not recorded)."""
-    try:
-        model = json.loads((directory / "manifest.json").read_text()).get("model")
-    except (OSError, ValueError):
-        return None
-    return model.get("files_id") if isinstance(model, dict) else None
+class Runs(Mapping[str, dict[str, Any]]):
+    """Opened trace directories of a model's variants: ``runs[variant][part]`` is a ``TraceReader``.
+
+    ``variants`` lists them in order (the demo: ``trained, untrained``; a real model: ``model``), ``parts``
+    the corpus parts, ``paths[variant][part]`` the directories; ``runs.main`` is the first variant's parts.
+    """
+
+    def __init__(self, model: str, readers: dict[str, dict[str, Any]], paths: dict[str, dict[str, Path]]) -> None:
+        self.model = model
+        self._readers = readers
+        self.paths = paths
+        self.variants = list(readers)
+        self.parts = list(next(iter(readers.values()))) if readers else []
+
+    def __getitem__(self, variant: str) -> dict[str, Any]:
+        if variant not in self._readers:
+            raise CorpusError(f"{self.model!r} has no variant {variant!r}; its variants are {self.variants}.")
+        return self._readers[variant]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    @property
+    def main(self) -> dict[str, Any]:
+        return self._readers[self.variants[0]]
+
+    def __repr__(self) -> str:
+        return f"Runs({self.model!r}, variants={self.variants}, parts={self.parts})"
 
 
-def _complete(directory: Path, weights: str | None = None) -> bool:
-    """A finished trace directory with all its shards, captured from these weight files (when known)."""
-    from .errors import TraceError
+def open_runs(model: str = "demo", runs: str | Path = "runs", parts: Sequence[str] | None = None,
+              **options: Any) -> Runs:
+    """Capture what is missing (``demo_runs``, same ``options``) and open every trace: ``runs[variant][part]``
+    is a ``TraceReader`` (out of core: metrics stream it; ``.read()`` loads it, ``.read_documents(ids)`` reads
+    some documents)."""
     from .store import TraceReader
 
-    try:
-        reader = TraceReader(directory)
-    except TraceError:
-        return False
-    return reader.complete and (weights is None or _weights_of(directory) == weights)
+    paths = demo_runs(model, runs, parts=None if parts is None else tuple(parts), **options)
+    readers: dict[str, dict[str, Any]] = {}
+    by_variant: dict[str, dict[str, Path]] = {}
+    for key, path in paths.items():
+        variant, part = key.split("/", 1)
+        by_variant.setdefault(variant, {})[part] = path
+        readers.setdefault(variant, {})[part] = TraceReader(path)
+    return Runs(model, readers, by_variant)
 
 
 def _real_model_parts(langs: list[str] | None) -> tuple[str, ...]:

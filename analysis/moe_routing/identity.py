@@ -187,3 +187,77 @@ def model_identity(model: Any) -> dict[str, Any]:
         "dtype": model_dtype(model),
         "files_id": src.get("files_id"),
     }
+
+
+def tokenizer_facts(tokenizer: Any) -> dict[str, Any]:
+    """What a trace records about its tokenizer: ``name_or_path`` (an absolute path for a local directory),
+    ``class``, ``vocab_size`` (``len(tokenizer)``), ``padding_side``."""
+    raw = str(getattr(tokenizer, "name_or_path", "") or "")
+    path = str(Path(raw).resolve()) if raw and Path(raw).is_dir() else raw
+    try:
+        size: int | None = len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+    return {"name_or_path": path, "class": type(tokenizer).__name__, "vocab_size": size,
+            "padding_side": getattr(tokenizer, "padding_side", None)}
+
+
+def _tokenizer_sources(source: Any) -> tuple[list[str], str]:
+    """Where a trace's tokenizer can be loaded from (first choice first) and how to name the source."""
+    from .models import resolve_model_path
+    from .store import MANIFEST, TraceReader, read_manifest
+    from .trace import RoutingTrace
+
+    manifest: Mapping[str, Any] | None = None
+    if isinstance(source, TraceReader):
+        manifest, what = source.manifest, f"the trace {source.path}"
+    elif isinstance(source, RoutingTrace):
+        names = [str(source.meta.get("tokenizer") or ""), source.model_name]
+        return [n for n in names if n], f"the trace of {source.model_name or 'an unnamed model'}"
+    elif isinstance(source, (str, os.PathLike)) and (Path(source) / MANIFEST).is_file():
+        manifest, what = read_manifest(Path(source)), f"the trace {source}"
+    elif isinstance(source, (str, os.PathLike)):
+        return [resolve_model_path(source)], f"the model {source}"
+    else:
+        from .errors import SettingError
+
+        raise SettingError(f"load_tokenizer takes a trace directory, a TraceReader, a RoutingTrace or a model "
+                           f"name/path, got {type(source).__name__}.")
+    raw_tok, raw_meta = manifest.get("tokenizer"), manifest.get("meta")
+    tok: Mapping[str, Any] = raw_tok if isinstance(raw_tok, dict) else {}
+    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    names = [str(tok.get("name_or_path") or ""), str(meta.get("tokenizer") or ""),
+             str(manifest.get("model_name") or "")]
+    out: list[str] = []
+    for n in names:
+        if n and n not in out:
+            out.append(n)
+    model_name = str(manifest.get("model_name") or "")
+    if model_name:
+        resolved = resolve_model_path(model_name) if model_name.startswith("demo") else model_name
+        if resolved not in out:
+            out.append(resolved)
+    return out, what
+
+
+def load_tokenizer(trace_or_path: Any, **kwargs: Any) -> Any:
+    """The tokenizer of a trace (directory, ``TraceReader``, ``RoutingTrace``) or of a model (name or path).
+
+    A trace's manifest records the tokenizer it was captured with (``tokenizer.name_or_path``); it is loaded
+    with ``transformers.AutoTokenizer`` (``kwargs`` pass through). ``UnsupportedModelError`` names every place
+    tried when none loads."""
+    from transformers import AutoTokenizer
+
+    from .errors import UnsupportedModelError
+
+    places, what = _tokenizer_sources(trace_or_path)
+    errors = []
+    for place in places:
+        try:
+            return AutoTokenizer.from_pretrained(place, **kwargs)
+        except (OSError, ValueError) as exc:
+            errors.append(f"{place}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    raise UnsupportedModelError(
+        f"could not load the tokenizer of {what}; tried {'; '.join(errors) or 'nothing (none recorded)'}. Pass "
+        "the model's directory or hub id instead (it must hold tokenizer files)."
+    )

@@ -10,6 +10,13 @@ expert_ids fixed_size_list<fixed_size_list<int16, k>, layers>, weights fixed_siz
 (int32 ids for more than 32,767 experts) and, when captured with logits,
 ``router_logits fixed_size_list<fixed_size_list<float16, experts>, layers>``.
 DuckDB reads ``expert_ids[layer][slot]`` (1-based), Polars reads ``Array`` columns, pandas reads lists.
+``weights`` are float32, or float16 when the model computed them in 16 bits and every value survives the 16-bit
+round trip (``weights_dtype`` in the manifest says what was asked; a shard's schema says what it holds); a
+float32 column is written with BYTE_STREAM_SPLIT so bf16 values widened to float32 cost about 16 bits on disk.
+Row groups hold about ``ROW_GROUP_BYTES`` each, so a reader fetches a document without decoding its whole shard.
+
+``documents.parquet`` (the document index): ``doc_id, shard, row_start, num_rows``, one row per run of a
+document's rows in a shard; ``TraceReader.read_documents`` uses it to read only the row groups it needs.
 
 Shards are written to a temporary name and renamed into place, so a shard that exists is complete; the manifest
 is rewritten the same way. A finished manifest lists every shard (``shards``: name -> token count and input
@@ -29,8 +36,9 @@ import socket
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +60,84 @@ INPUT_KEY = b"moe_routing.input_sha256"
 FINGERPRINT_KEY = b"moe_routing.fingerprint"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 _VIEW_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+DOC_INDEX = "documents.parquet"
+#: Uncompressed bytes a row group aims at (a document read decodes only the row groups holding its rows).
+ROW_GROUP_BYTES = 4 * 2**20
+#: Bytes per stored token a shard aims at by default (uncompressed routing columns; see ``TraceLayout``).
+SHARD_BYTES = 128 * 2**20
+#: What ``weights_dtype`` may ask for: ``auto`` keeps the model's precision (16 bits only when lossless).
+WeightsDtype = Literal["auto", "float32", "float16"]
+WEIGHTS_DTYPES = ("auto", "float32", "float16")
+
+
+@dataclass(frozen=True)
+class TraceLayout:
+    """The shape of a trace without its rows: what a manifest says and what a disk estimate needs.
+
+    A capture's recorder (``TraceLayout.of_recorder``) and an in-memory trace (``TraceLayout.of_trace``) both
+    give one, so a manifest is written from the same fields whichever produced the rows.
+    """
+
+    layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    labels: tuple[str, ...] = ()
+    has_logits: bool = False
+    model_name: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    weights_dtype: str = "float32"
+
+    @classmethod
+    def of_trace(cls, trace: RoutingTrace, *, weights_dtype: str = "float32") -> TraceLayout:
+        return cls(layers=tuple(trace.layers), num_experts=trace.num_experts, top_k=trace.top_k,
+                   labels=tuple(sorted(trace.labels)), has_logits=trace.router_logits is not None,
+                   model_name=trace.model_name, meta=dict(trace.meta), weights_dtype=weights_dtype)
+
+    @classmethod
+    def of_recorder(cls, rec: Any, *, labels: Sequence[str] = (), meta: Mapping[str, Any] | None = None,
+                    weights_dtype: str = "float32") -> TraceLayout:
+        """From a ``capture`` recorder before anything ran (``rec.layers, num_experts, top_k, logits``)."""
+        adapter = getattr(getattr(rec, "adapter", None), "family", None)
+        return cls(layers=tuple(rec.layers), num_experts=int(rec.num_experts), top_k=int(rec.top_k or 1),
+                   labels=tuple(sorted(labels)), has_logits=bool(rec.logits), model_name=str(rec.model_name),
+                   meta={**({"adapter": adapter} if adapter else {}), **(meta or {})},
+                   weights_dtype=weights_dtype)
+
+    def bytes_per_token(self, weight_bytes: int | None = None) -> int:
+        """Uncompressed bytes one token takes: doc_id/position/token_id (16), ~8 per label, expert ids
+        ``[layers, k]`` (int16 or int32), weights ``[layers, k]`` (2 or 4 bytes), router logits (float16)."""
+        wb = weight_bytes if weight_bytes is not None else (4 if self.weights_dtype == "float32" else 2)
+        ib = expert_dtype(self.num_experts).itemsize
+        n = len(self.layers)
+        return 16 + 8 * len(self.labels) + n * self.top_k * (ib + wb) + (n * self.num_experts * 2
+                                                                        if self.has_logits else 0)
+
+    def manifest(self, **extra: Any) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "moe_routing_version": __version__,
+            "model_name": self.model_name,
+            "layers": list(self.layers),
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "labels": sorted(self.labels),
+            "has_logits": self.has_logits,
+            "weights_dtype": self.weights_dtype,
+            "meta": dict(self.meta),
+            **extra,
+        }
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
 
 
 def shard_name(index: int) -> str:
@@ -67,7 +153,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise TraceError(
             f"could not write {path}: {exc.strerror or exc}. Completed shards in {path.parent} are intact; "
             "free disk space (or fix permissions) and re-run the same command to continue."
@@ -93,7 +180,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Delete ``.<name>.tmp-<pid>`` files left by writers that no longer run; another live process's in-flight
     temporary files are never touched. Returns the files removed."""
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():
@@ -181,8 +268,25 @@ def _unnest(col: pa.ChunkedArray | pa.Array, a: int, b: int, dtype: Any) -> np.n
     return flat.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(col), a, b)
 
 
-def trace_to_table(trace: RoutingTrace) -> pa.Table:
-    """One row per token; see the module docstring for the schema."""
+def _weights_array(weights: np.ndarray, weights_dtype: str) -> pa.Array:
+    """``[tokens, layers, k]`` float32 weights as a nested column: ``float32`` as is; ``float16`` cast (asked
+    for, may round); ``lossless16`` float16 when every value survives the round trip, else float32."""
+    if weights_dtype not in ("float32", "float16", "lossless16"):
+        raise TraceError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}.")
+    if weights_dtype == "float32":
+        return _nested_list(weights, pa.float32())
+    half = weights.astype(np.float16)
+    if weights_dtype == "lossless16":
+        with np.errstate(invalid="ignore"):
+            exact = np.array_equal(half.astype(np.float32), weights, equal_nan=True)
+        if not exact:
+            return _nested_list(weights, pa.float32())
+    return _nested_list(half, pa.float16())
+
+
+def trace_to_table(trace: RoutingTrace, *, weights_dtype: str = "float32") -> pa.Table:
+    """One row per token; see the module docstring for the schema (``weights_dtype``: ``float32``,
+    ``float16`` (rounds) or ``lossless16`` (float16 where exact, else float32))."""
     bad = RESERVED_COLUMNS.intersection(trace.labels)
     if bad:
         raise TraceError(f"label names {sorted(bad)} collide with trace columns; rename those labels.")
@@ -195,17 +299,60 @@ def trace_to_table(trace: RoutingTrace) -> pa.Table:
         cols[key] = pa.array(value)
     id_type = pa.int32() if trace.expert_ids.dtype == np.int32 else pa.int16()
     cols["expert_ids"] = _nested_list(trace.expert_ids, id_type)
-    cols["weights"] = _nested_list(trace.weights, pa.float32())
+    cols["weights"] = _weights_array(trace.weights, weights_dtype)
     if trace.router_logits is not None:
         cols["router_logits"] = _nested_list(trace.router_logits, pa.float16())
     return pa.table(cols)
 
 
-def write_shard(table: pa.Table, path: Path) -> None:
-    """Write one shard atomically (temporary name, fsync, rename). Deterministic bytes for equal tables."""
+def stored_weights_dtype(schema: pa.Schema) -> str:
+    """``"float16"`` or ``"float32"``: how a shard stores its weights."""
+    t = schema.field("weights").type
+    while pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        t = t.value_type
+    return "float16" if pa.types.is_float16(t) else "float32"
+
+
+def write_shard(table: pa.Table, path: Path, *, row_group_bytes: int | None = None) -> None:
+    """Write one shard atomically (temporary name, fsync, rename). Deterministic bytes for equal tables.
+
+    Row groups of about ``row_group_bytes`` (uncompressed), with statistics, so readers can skip them; float32
+    weights with BYTE_STREAM_SPLIT (16-bit values widened to float32 then compress to about 16 bits)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", write_statistics=True)
+    row_group_bytes = ROW_GROUP_BYTES if row_group_bytes is None else row_group_bytes
+    rows = max(1, int(row_group_bytes * max(table.num_rows, 1) // max(table.nbytes, 1)))
+    split = [] if stored_weights_dtype(table.schema) != "float32" else ["weights.list.element.list.element"]
+    pq.write_table(table, sink, compression="zstd", write_statistics=True, row_group_size=rows,
+                   use_byte_stream_split=split or False,
+                   use_dictionary=[c for c in table.column_names if c != "weights"])
     _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def document_runs(doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(doc_id, row_start, num_rows)`` of each run of equal ``doc_ids`` (``[tokens]``), in row order."""
+    doc_ids = np.asarray(doc_ids)
+    if not len(doc_ids):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    starts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])
+    lengths = np.diff(np.r_[starts, len(doc_ids)])
+    return doc_ids[starts].astype(np.int64), starts.astype(np.int64), lengths.astype(np.int64)
+
+
+def write_document_index(path: Path, runs: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
+                         fingerprint: str) -> None:
+    """``path/documents.parquet`` from ``(shard index, doc_id, row_start, num_rows)`` per shard."""
+    docs = [r[1] for r in runs]
+    table = pa.table({
+        "doc_id": pa.array(np.concatenate(docs) if docs else np.zeros(0, np.int64), pa.int64()),
+        "shard": pa.array(np.concatenate([np.full(len(r[1]), r[0], np.int32) for r in runs]) if runs
+                          else np.zeros(0, np.int32), pa.int32()),
+        "row_start": pa.array(np.concatenate([r[2] for r in runs]) if runs else np.zeros(0, np.int64), pa.int64()),
+        "num_rows": pa.array(np.concatenate([r[3] for r in runs]) if runs else np.zeros(0, np.int64), pa.int64()),
+    }).replace_schema_metadata({FINGERPRINT_KEY: fingerprint.encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _atomic_write_bytes(path / DOC_INDEX, sink.getvalue().to_pybytes())
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -213,22 +360,10 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def manifest_for(trace: RoutingTrace, **extra: Any) -> dict[str, Any]:
-    from . import __version__
-
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "moe_routing_version": __version__,
-        "model_name": trace.model_name,
-        "layers": list(trace.layers),
-        "num_experts": trace.num_experts,
-        "top_k": trace.top_k,
-        "labels": sorted(trace.labels),
-        "has_logits": trace.router_logits is not None,
-        "meta": trace.meta,
-        **extra,
-    }
+def manifest_for(trace_or_layout: RoutingTrace | TraceLayout, **extra: Any) -> dict[str, Any]:
+    """The manifest fields of a trace or a ``TraceLayout`` (plus ``extra``)."""
+    layout = trace_or_layout if isinstance(trace_or_layout, TraceLayout) else TraceLayout.of_trace(trace_or_layout)
+    return layout.manifest(**extra)
 
 
 def shard_record(tokens: int, input_sha256: str) -> dict[str, Any]:
@@ -267,9 +402,10 @@ def _document_splits(doc_ids: np.ndarray, tokens_per_shard: int | None) -> list[
 
 
 def write_trace(trace: RoutingTrace, path: str | Path, *, overwrite: bool = False,
-                tokens_per_shard: int | None = None) -> Path:
+                tokens_per_shard: int | None = None, weights_dtype: WeightsDtype = "float32") -> Path:
     """Write an in-memory trace as a trace directory: one shard, or shards of about ``tokens_per_shard`` tokens
-    (documents never span shards).
+    (documents never span shards), with a document index. ``weights_dtype="float16"`` stores 16-bit weights
+    (rounded); ``"auto"`` stores them in 16 bits only where that is lossless.
 
     Refuses (without ``overwrite=True``) a directory that holds a trace or shard files already, and one that
     another process is writing.
@@ -285,6 +421,9 @@ def write_trace(trace: RoutingTrace, path: str | Path, *, overwrite: bool = Fals
             "capture, or another tool's files); pass overwrite=True to delete them and write this trace, or "
             "choose another directory."
         )
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise TraceError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}.")
+    stored = "lossless16" if weights_dtype == "auto" else weights_dtype
     splits = _document_splits(trace.doc_ids, tokens_per_shard)
     with DirectoryLock(path, purpose="write_trace"):
         (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -292,17 +431,22 @@ def write_trace(trace: RoutingTrace, path: str | Path, *, overwrite: bool = Fals
             (path / MANIFEST).unlink(missing_ok=True)
         for old in (path / SHARD_DIR).glob("part-*.parquet"):
             old.unlink()
-        manifest = manifest_for(trace)
+        (path / DOC_INDEX).unlink(missing_ok=True)
+        manifest = manifest_for(TraceLayout.of_trace(trace, weights_dtype=weights_dtype))
         parts = [trace if len(splits) == 1 else trace.select(np.arange(a, b)) for a, b in splits]
         digests = [_trace_inputs_hash(part) for part in parts]
         fingerprint = config_hash({"manifest": manifest, "inputs": digests})
         records = {}
+        runs = []
         for i, (part, digest) in enumerate(zip(parts, digests, strict=True)):
-            write_shard(with_shard_metadata(trace_to_table(part), digest, fingerprint), path / SHARD_DIR / shard_name(i))
+            table = trace_to_table(part, weights_dtype=stored)
+            write_shard(with_shard_metadata(table, digest, fingerprint), path / SHARD_DIR / shard_name(i))
             records[shard_name(i)] = shard_record(part.num_tokens, digest)
+            runs.append((i, *document_runs(part.doc_ids)))
+        write_document_index(path, runs, fingerprint)
         write_json_atomic(path / MANIFEST, {
             **manifest, "complete": True, "num_shards": len(records), "tokens": trace.num_tokens,
-            "fingerprint": fingerprint, "shards": records,
+            "fingerprint": fingerprint, "shards": records, "document_index": DOC_INDEX,
         })
     return path
 
@@ -507,6 +651,11 @@ class TraceReader:
             ) from exc
         self._check_schema(table, shard)
         self._check_origin(table.schema.metadata, table.num_rows, shard)
+        trace = self._table_to_trace(table, shard)
+        return trace if layers is None else trace.select(layers=layers)
+
+    def _table_to_trace(self, table: pa.Table, shard: Path) -> RoutingTrace:
+        """Rows of a shard (all of them or some) as a RoutingTrace."""
         n_layers = len(self.layers)
         width = table.schema.field("expert_ids").type.value_type.list_size
         try:
@@ -519,8 +668,9 @@ class TraceReader:
             if self.has_logits:
                 e = table.schema.field("router_logits").type.value_type.list_size
                 logits = _unnest(table["router_logits"], n_layers, e, np.float16)
-            meta = self.manifest.get("meta") if isinstance(self.manifest.get("meta"), dict) else {}
-            trace = RoutingTrace(
+            raw_meta = self.manifest.get("meta")
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+            return RoutingTrace(
                 expert_ids=ids,
                 weights=w,
                 layers=self.layers,
@@ -535,7 +685,88 @@ class TraceReader:
             )
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise CorruptShardError(f"shard {shard} holds values that do not form a valid trace: {exc}") from exc
+
+    def document_index(self) -> pa.Table | None:
+        """The document index (``doc_id, shard, row_start, num_rows``) when this trace has a valid one."""
+        ipath = self.path / DOC_INDEX
+        if not ipath.exists():
+            return None
+        try:
+            table = pq.read_table(ipath)
+        except (OSError, pa.ArrowException, ValueError):
+            return None
+        fp = (table.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode(errors="replace")
+        if fp != str(self.manifest.get("fingerprint", "")):
+            return None  # left by another run: never trusted
+        return table
+
+    def read_documents(self, doc_ids: Sequence[int] | np.ndarray, *,
+                       layers: Sequence[int] | None = None) -> RoutingTrace:
+        """The tokens of some documents (``doc_ids``), in trace order, reading only the row groups that hold
+        them (through the document index; a trace without one is filtered by Parquet row-group statistics).
+
+        Raises ``TraceError`` naming document ids the trace does not have."""
+        want = np.unique(np.asarray(doc_ids, dtype=np.int64))
+        index = self.document_index()
+        shards = {int(m.group(1)): p for p in self.shards() if (m := _SHARD_RE.match(p.name))}
+        parts: list[RoutingTrace] = []
+        found: set[int] = set()
+        if index is not None:
+            docs = index["doc_id"].to_numpy()
+            hit = np.isin(docs, want)
+            sel = {c: index[c].to_numpy()[hit] for c in ("doc_id", "shard", "row_start", "num_rows")}
+            found = set(sel["doc_id"].tolist())
+            for s in sorted(set(sel["shard"].tolist())):
+                on = sel["shard"] == s
+                shard = shards.get(int(s))
+                if shard is None:
+                    raise MissingShardError(f"{self.path}: shard {shard_name(int(s))} holds documents "
+                                            f"{sorted(set(sel['doc_id'][on].tolist()))[:10]} but is missing; re-run "
+                                            "the same capture command to rewrite it.")
+                parts.append(self._read_rows(shard, sel["row_start"][on], sel["num_rows"][on], want))
+        else:
+            for shard in self.shards():
+                try:
+                    table = pq.read_table(shard, filters=[("doc_id", "in", want.tolist())])
+                except (OSError, pa.ArrowException, ValueError) as exc:
+                    raise CorruptShardError(f"shard {shard} is unreadable ({exc}).") from exc
+                if table.num_rows:
+                    pf = pq.ParquetFile(shard)
+                    self._check_origin(pf.schema_arrow.metadata, pf.metadata.num_rows, shard)
+                    parts.append(self._table_to_trace(table, shard))
+                    found.update(np.unique(table["doc_id"].to_numpy()).tolist())
+        absent = sorted(set(want.tolist()) - found)
+        if absent:
+            raise TraceError(f"{self.path} has no document(s) {absent[:10]}{' ...' if len(absent) > 10 else ''}; "
+                             "document ids are the trace's doc_ids (see documents.parquet).")
+        trace = RoutingTrace.concat(parts)
         return trace if layers is None else trace.select(layers=layers)
+
+    def _read_rows(self, shard: Path, starts: np.ndarray, lengths: np.ndarray, want: np.ndarray) -> RoutingTrace:
+        """Rows ``[start, start+length)`` of a shard, decoding only the row groups that hold them."""
+        try:
+            pf = pq.ParquetFile(shard)
+            self._check_schema(pf.schema_arrow.empty_table(), shard)
+            self._check_origin(pf.schema_arrow.metadata, pf.metadata.num_rows, shard)
+            sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], dtype=np.int64)
+            group_start = np.r_[0, np.cumsum(sizes)[:-1]]
+            rows = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths, strict=True)])
+            group_of = np.searchsorted(group_start, rows, side="right") - 1
+            groups = np.unique(group_of)
+            table = pf.read_row_groups(groups.tolist())
+        except CorruptShardError:
+            raise
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise CorruptShardError(f"shard {shard} is unreadable ({exc}); delete it and re-run the same capture "
+                                    "command to rewrite it.") from exc
+        offset = np.r_[0, np.cumsum(sizes[groups])[:-1]]  # where each read group starts in ``table``
+        local = rows - group_start[group_of] + offset[np.searchsorted(groups, group_of)]
+        table = table.take(pa.array(local))
+        got = table["doc_id"].to_numpy()
+        if not np.isin(got, want).all():
+            raise CorruptShardError(f"the document index of {self.path} does not match shard {shard} (it points "
+                                    "at rows of other documents); delete documents.parquet to read by scan.")
+        return self._table_to_trace(table, shard)
 
     def iter_traces(self, *, layers: Sequence[int] | None = None, _stacklevel: int = 2) -> Iterator[RoutingTrace]:
         """Yield one RoutingTrace per shard, in order. Missing, foreign or corrupt shards raise (or warn, with

@@ -364,9 +364,10 @@ class RoutingTrace:
 
     def select(self, mask: np.ndarray | None = None, *, layers: Sequence[int] | None = None) -> RoutingTrace:
         """A sub-trace: tokens where ``mask`` is True (``[tokens]`` bool or indices) and/or some MoE layers."""
-        idx = slice(None) if mask is None else np.asarray(mask)
-        if mask is not None and idx.dtype == bool and len(idx) != self.num_tokens:
-            raise TraceError(f"mask has {len(idx)} entries, the trace has {self.num_tokens} tokens.")
+        arr = None if mask is None else np.asarray(mask)
+        if arr is not None and arr.dtype == bool and len(arr) != self.num_tokens:
+            raise TraceError(f"mask has {len(arr)} entries, the trace has {self.num_tokens} tokens.")
+        idx: Any = slice(None) if arr is None else arr
         lidx = slice(None) if layers is None else [self.layer_index(x) for x in layers]
         new_layers = self.layers if layers is None else tuple(int(x) for x in layers)
         logits = None
@@ -455,14 +456,18 @@ class RoutingTrace:
         return xr.Dataset(data, coords=coords, attrs={"model_name": self.model_name, "num_experts": self.num_experts})
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, *, overwrite: bool = False, tokens_per_shard: int | None = None) -> Path:
-        """Write the trace as a trace directory (Parquet shards + JSON manifest). Returns the path.
+    def save(self, path: str | Path, *, overwrite: bool = False, tokens_per_shard: int | None = None,
+             weights_dtype: Literal["auto", "float32", "float16"] = "float32") -> Path:
+        """Write the trace as a trace directory (Parquet shards + JSON manifest + document index).
 
-        ``tokens_per_shard`` splits it into shards of about that many tokens (documents never span shards).
+        ``tokens_per_shard`` splits it into shards of about that many tokens (documents never span shards);
+        ``weights_dtype``: ``"float16"`` rounds weights to 16 bits, ``"auto"`` stores 16 bits where lossless.
+        Returns the path.
         """
         from .store import write_trace
 
-        return write_trace(self, path, overwrite=overwrite, tokens_per_shard=tokens_per_shard)
+        return write_trace(self, path, overwrite=overwrite, tokens_per_shard=tokens_per_shard,
+                           weights_dtype=weights_dtype)
 
     @classmethod
     def load(cls, path: str | Path, *, layers: Sequence[int] | None = None) -> RoutingTrace:
@@ -484,7 +489,9 @@ class RoutingTrace:
             return False
         if (self.router_logits is None) != (other.router_logits is None):
             return False
-        return self.router_logits is None or np.array_equal(self.router_logits, other.router_logits, equal_nan=True)
+        if self.router_logits is None or other.router_logits is None:
+            return True
+        return np.array_equal(self.router_logits, other.router_logits, equal_nan=True)
 
 
 def _positions_within_docs(doc_ids: np.ndarray) -> np.ndarray:
