@@ -32,14 +32,15 @@ MODEL = "demo"  # "demo" or a Hugging Face id / local path of an MoE causal LM
 RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); trace directories
 CORPUS = "demo"  # "demo" (held-out split of the parallel demo corpus) or "flores" (FLORES-200 devtest)
 LANGS = None  # None: every language of the corpus; or a subset, e.g. ["en", "de", "ru", "ja", "ar"]
-N_RANDOM = 5  # random expert sets per language set (the control)
+N_RANDOM = 4  # random expert sets per language set (the control)
+MAX_PER_LANG = 40  # test texts per language (None: the whole test half)
 N_BOOT = 200  # bootstrap replicates (over texts) for the intervals
 CI = 0.95  # confidence level of the intervals
 MODES = ["reroute", "zero", "renormalize"]  # the first one is the claims' mode
 IMPORTANCE_LAYER = None  # None: the layer with the most language-specific experts
 STEER_FROM, STEER_TO = "en", "ru"  # steer prompts of this language toward that one
 STEER_TOP = 4  # experts promoted (and suppressed) per layer
-STEER_DELTAS = [0, 2, 4, 8]  # bias offsets tried (router-logit units)
+STEER_DELTAS = [0, 4, 8]  # bias offsets tried (router-logit units)
 N_PROMPTS = 32  # prompts generated from
 NEW_TOKENS = 12  # tokens generated per prompt (greedy)
 BATCH_SIZE = 64
@@ -94,7 +95,10 @@ def half(key) -> int:
 
 
 pick = trace.select(np.array([half(k) == 0 for k in trace.label("key")]))
-test = texts[texts["key"].map(half) == 1].reset_index(drop=True)
+test = texts[texts["key"].map(half) == 1]
+if MAX_PER_LANG is not None:
+    test = test.groupby("lang", group_keys=False).head(MAX_PER_LANG)
+test = test.reset_index(drop=True)
 langs = sorted(set(test["lang"]))
 print(f"{name} model: {trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.top_k}")
 print(f"picking half: {pick.num_tokens} tokens of {len(np.unique(pick.doc_ids))} texts; "

@@ -269,17 +269,14 @@ _GRANITE = Reading("topk_score", _granite_params, notes="fp32 logits -> top-k ->
 
 RULES.update({
     # qwen3_moe's router, verbatim (softmax fp32 -> top-k -> renorm if norm_topk_prob)
-    **dict.fromkeys(("qwen3_next", "qwen3_omni_moe_text", "qwen4_exp_text", "mellum"), _SOFTMAX),
+    **dict.fromkeys(("qwen3_next", "qwen4_exp_text", "mellum"), _SOFTMAX),
     # the same, always renormalised
-    **dict.fromkeys(("qwen3_5_moe_text", "qwen3_vl_moe_text"),
-                    Reading("softmax_topk", _always_norm_params, notes="softmax(fp32) -> top-k -> renorm")),
+    "qwen3_5_moe_text": Reading("softmax_topk", _always_norm_params, notes="softmax(fp32) -> top-k -> renorm"),
     "jamba": Reading("softmax_topk", _no_norm_params, notes="softmax(fp32) -> top-k, no renorm"),
-    "hunyuan_v1_moe": Reading("softmax_topk", _always_norm_params, notes="fp32 gate -> softmax -> top-k -> renorm"),
     "lara_mini": Reading("softmax_topk_to", _lara_params, notes="fp32 logits -> softmax -> top-k -> renorm"),
     **dict.fromkeys(("granitemoe", "granitemoeshared", "granitemoe_swa", "granitemoehybrid"), _GRANITE),
     "aria_text": Reading("topk_score", _aria_params, notes="top-k of logits -> softmax of k"),
     "cohere2_moe": Reading("topk_score", _cohere2_params, notes="top-k of logits -> softmax (fp32) or sigmoid"),
-    **dict.fromkeys(("deepseek_v32", "glm4_moe_lite", "glm4v_moe_text", "glm_moe_dsa", "glm5_next_text", "dots1",
-                     "dots3_note_text", "kimi_linear", "bailing_hybrid", "exaone_moe", "solar_open", "mimo_v2_flash",
-                     "axk1", "hy_v4", "hy_v4_vl_text", "nemotron_h"), _GROUP),
+    **dict.fromkeys(("deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "dots1", "dots3_note_text", "kimi_linear",
+                     "bailing_hybrid", "exaone_moe", "solar_open", "mimo_v2_flash", "axk1", "nemotron_h"), _GROUP),
 })
