@@ -238,27 +238,27 @@ RULE_FUNCTIONS["topk_score"] = topk_score
 RULE_FUNCTIONS["softmax_topk_to"] = softmax_topk_to
 
 
-def _always_norm_params(router: nn.Module) -> dict[str, Any]:
+def _always_norm_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "norm": True, "cast_back": True}
 
 
-def _no_norm_params(router: nn.Module) -> dict[str, Any]:
+def _no_norm_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "norm": False, "cast_back": True}
 
 
-def _lara_params(router: nn.Module) -> dict[str, Any]:
+def _lara_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "norm": bool(router.norm_topk_prob), "out_dtype": router.weight.dtype}
 
 
-def _granite_params(router: nn.Module) -> dict[str, Any]:
+def _granite_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "fn": "softmax", "upcast": False, "out_dtype": router.weight.dtype}
 
 
-def _aria_params(router: nn.Module) -> dict[str, Any]:
+def _aria_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "fn": "softmax", "upcast": False}
 
 
-def _cohere2_params(router: nn.Module) -> dict[str, Any]:
+def _cohere2_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "fn": str(router.expert_selection_fn), "norm": bool(router.norm_topk_prob),
             "upcast": True, "out_dtype": router.weight.dtype}
 

@@ -74,7 +74,7 @@ def test_importance_heatmap_outlines_marked_cells() -> None:
     s = fig.layout.shapes[0]
     assert (s.x0, s.y0) == (0.5, 2.5)
     with pytest.raises(MetricError, match="one layer"):
-        mpc.importance_heatmap(pd.DataFrame(rows + [{**rows[0], "layer": 3}]))
+        mpc.importance_heatmap(pd.DataFrame([*rows, {**rows[0], "layer": 3}]))
 
 
 def test_modes_plot_shows_the_diagonal_per_mode() -> None:
