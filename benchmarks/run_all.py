@@ -9,6 +9,7 @@ SCRIPTS = [
     ("capture overhead (prefill, decode, bytes)", ["capture_overhead.py", "--rounds", "11"]),
     ("capture_corpus throughput", ["corpus_throughput.py"]),
     ("metrics throughput", ["metrics_throughput.py"]),
+    ("intervention overhead: ablation/steering hooks vs plain forward", ["intervention_overhead.py", "--rounds", "11"]),
     ("start-up: demo corpus parse, demo model cache lookup", ["startup_times.py"]),
     ("peak memory at 1x and 10x", ["memory_scaling.py"]),
     ("peak memory, pyarrow system allocator", ["memory_scaling.py", "--arrow-system-pool"]),

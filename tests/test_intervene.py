@@ -460,7 +460,7 @@ def test_a_router_that_the_rule_does_not_reproduce_is_refused():
 
 
 def test_unsupported_family_is_refused_naming_family_and_mode():
-    family = next(f for f in ("jamba", "hunyuan_v1_moe", "phimoe") if f not in RULES)
+    family = next(f for f in ("phimoe", "ernie4_5_moe", "deepseek_v2") if f not in RULES)
     model = ac.build(ac.ARCHS[family])
     layer = moe(model)[0].layer
     with pytest.raises(InterventionError, match=rf"{family}.*'reroute'"), mr.intervene(model, ablate={layer: [0]}):

@@ -518,13 +518,14 @@ def intervene(
     _refuse_compiled(model)
     iv = Intervention(model, family, reading, mode, plans, where)
     handles = []
-    model._moe_routing_intervening = True
+    model.__dict__["_moe_routing_intervening"] = True
     try:
         if plans:
             handles.append(model.register_forward_pre_hook(iv._on_call, with_kwargs=True))
             handles.append(model.register_forward_hook(iv._on_return, with_kwargs=True))
         for layer, p in plans.items():
             if p.reselects:
+                assert p.moe.router is not None  # checked above
                 handles.append(p.moe.router.register_forward_hook(iv._router_hook(layer)))
             if p.drop:
                 sig = inspect.signature(p.moe.module.forward)

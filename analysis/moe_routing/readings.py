@@ -193,3 +193,90 @@ def reading_for(model_types: list[str]) -> tuple[str, Reading] | None:
         if mt in RULES:
             return mt, RULES[mt]
     return None
+
+
+# ---------------------------------------------------------------------------------------------- more families
+# Appended rules and table rows: each family's router forward in transformers 5.24 was read and is replayed op for
+# op; ``tests/test_intervene.py`` proves every row bit-identical on a tiny real model (fp32 and bf16).
+def topk_score(logits: torch.Tensor, params: dict[str, Any], edit: Edit = NO_EDIT) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """top-k of the logits -> softmax (``fn="softmax"``, in fp32 when ``upcast``) or sigmoid (``fn="sigmoid"``,
+    renormalised when ``norm``) of the k chosen logits -> cast to ``out_dtype`` (when given).
+
+    granitemoe* (fp32 logits, weights cast to the hidden dtype), aria (all in the logits' dtype), cohere2_moe.
+    params: ``top_k``, ``fn``, ``upcast``, ``norm``, ``out_dtype``.
+    """
+    choice = logits if edit.offset is None else logits.float() + edit.offset
+    choice = _apply_masks(choice, edit)
+    if choice is logits:
+        values, ids = torch.topk(logits, params["top_k"], dim=-1)
+    else:
+        ids = torch.topk(choice, params["top_k"], dim=-1).indices
+        values = logits.gather(-1, ids)
+    if params.get("fn", "softmax") == "sigmoid":
+        weights = torch.nn.functional.sigmoid(values)
+        if params.get("norm"):
+            weights = weights / torch.sum(weights, dim=-1, keepdim=True)
+    elif params.get("upcast"):
+        weights = torch.nn.functional.softmax(values, dim=-1, dtype=torch.float)
+    else:
+        weights = torch.nn.functional.softmax(values, dim=-1)
+    if params.get("out_dtype") is not None:
+        weights = weights.to(params["out_dtype"])
+    return ids, weights
+
+
+def softmax_topk_to(logits: torch.Tensor, params: dict[str, Any], edit: Edit = NO_EDIT) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """``softmax_topk`` whose weights are cast to ``out_dtype`` (the hidden dtype) instead of the logits' dtype:
+    routers that compute fp32 logits from an fp32 copy of the weights (lara_mini)."""
+    ids, weights = softmax_topk(logits, {**params, "cast_back": False}, edit)
+    return ids, weights.to(params["out_dtype"])
+
+
+RULE_FUNCTIONS["topk_score"] = topk_score
+RULE_FUNCTIONS["softmax_topk_to"] = softmax_topk_to
+
+
+def _always_norm_params(router: Any) -> dict[str, Any]:
+    return {"top_k": int(router.top_k), "norm": True, "cast_back": True}
+
+
+def _no_norm_params(router: Any) -> dict[str, Any]:
+    return {"top_k": int(router.top_k), "norm": False, "cast_back": True}
+
+
+def _lara_params(router: Any) -> dict[str, Any]:
+    return {"top_k": int(router.top_k), "norm": bool(router.norm_topk_prob), "out_dtype": router.weight.dtype}
+
+
+def _granite_params(router: Any) -> dict[str, Any]:
+    return {"top_k": int(router.top_k), "fn": "softmax", "upcast": False, "out_dtype": router.weight.dtype}
+
+
+def _aria_params(router: Any) -> dict[str, Any]:
+    return {"top_k": int(router.top_k), "fn": "softmax", "upcast": False}
+
+
+def _cohere2_params(router: Any) -> dict[str, Any]:
+    return {"top_k": int(router.top_k), "fn": str(router.expert_selection_fn), "norm": bool(router.norm_topk_prob),
+            "upcast": True, "out_dtype": router.weight.dtype}
+
+
+_GROUP = Reading("sigmoid_bias_group", _group_params, unsorted=True, offset_on="biased sigmoid score",
+                 notes="deepseek_v3's router, verbatim")
+_GRANITE = Reading("topk_score", _granite_params, notes="fp32 logits -> top-k -> softmax of k -> hidden dtype")
+
+RULES.update({
+    # qwen3_moe's router, verbatim (softmax fp32 -> top-k -> renorm if norm_topk_prob)
+    **dict.fromkeys(("qwen3_next", "qwen4_exp_text", "mellum"), _SOFTMAX),
+    # the same, always renormalised
+    "qwen3_5_moe_text": Reading("softmax_topk", _always_norm_params, notes="softmax(fp32) -> top-k -> renorm"),
+    "jamba": Reading("softmax_topk", _no_norm_params, notes="softmax(fp32) -> top-k, no renorm"),
+    "lara_mini": Reading("softmax_topk_to", _lara_params, notes="fp32 logits -> softmax -> top-k -> renorm"),
+    **dict.fromkeys(("granitemoe", "granitemoeshared", "granitemoe_swa", "granitemoehybrid"), _GRANITE),
+    "aria_text": Reading("topk_score", _aria_params, notes="top-k of logits -> softmax of k"),
+    "cohere2_moe": Reading("topk_score", _cohere2_params, notes="top-k of logits -> softmax (fp32) or sigmoid"),
+    **dict.fromkeys(("deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "dots1", "dots3_note_text", "kimi_linear",
+                     "bailing_hybrid", "exaone_moe", "solar_open", "mimo_v2_flash", "axk1", "nemotron_h"), _GROUP),
+})

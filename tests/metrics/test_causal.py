@@ -232,6 +232,43 @@ def test_check_claim_holds_for_a_language_expert_and_not_for_another_language(to
     assert wrong.target.delta < wrong.others.delta
 
 
+def test_ablation_matrix_equals_check_claim_and_ablation_effect_per_set(tok) -> None:
+    """One shared pass gives the same claims as check_claim and the same rows as ablation_effect, per set."""
+    df = corpus(24, seed=8, russian=True)
+    m = crafted_model(tok, list(df.loc[df["lang"] == "ru", "text"]), list(df.loc[df["lang"] != "ru", "text"]))
+    kw = {"n_random": 3, "n_boot": 40, "progress": False, "seed": 3}
+    sets = {"ru": {0: [3]}, "en": {1: [2, 4]}}
+    out = mr.metrics.ablation_matrix(m, tok, df, sets, modes=("reroute", "zero"), **kw)
+    assert set(out.claims) == {"ru", "en"}
+    for name, experts in sets.items():
+        alone = mr.metrics.check_claim(m, tok, df, experts, name, **kw)
+        got = out.claims[name]
+        assert (got.target, got.others, got.random, got.noise, got.holds) == (
+            alone.target, alone.others, alone.random, alone.noise, alone.holds), name
+        assert out.random_sets[name] == alone.frame.attrs["random_sets"]
+        pd.testing.assert_frame_equal(got.frame, alone.frame)
+        zero = mr.metrics.ablation_effect(m, tok, df, experts, mode="zero", n_random=0, n_boot=40, progress=False,
+                                          seed=3)
+        mine = out.frame[(out.frame["set"] == name) & (out.frame["mode"] == "zero")].set_index("lang")
+        for lang in ("en", "de", "fr", "ru"):
+            r = row(zero, lang)
+            assert (mine.at[lang, "delta"], mine.at[lang, "ci_low"], mine.at[lang, "ci_high"]) == (
+                r["delta"], r["ci_low"], r["ci_high"])
+            assert np.isnan(mine.at[lang, "random"])
+    assert out.claims["ru"].holds and not out.claims["en"].holds
+    mat = out.matrix()
+    assert list(mat.index) == ["ru", "en"] and mat.at["ru", "ru"] == out.claims["ru"].target.delta
+    assert out.matrix("random").at["ru", "ru"] == out.claims["ru"].random.delta
+    with pytest.raises(MetricError, match="was not run"):
+        out.matrix(mode="renormalize")
+    with pytest.raises(MetricError, match="n_random must be at least 1"):
+        mr.metrics.ablation_matrix(m, tok, df, sets, n_random=0, progress=False)
+    with pytest.raises(MetricError, match="unknown modes"):
+        mr.metrics.ablation_matrix(m, tok, df, sets, modes=("drop",), progress=False)
+    with pytest.raises(MetricError, match="not an MoE layer"):
+        mr.metrics.ablation_matrix(m, tok, df, {"ru": {9: [0]}}, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_raise_project_errors(model, tok) -> None:
     df = corpus(6)

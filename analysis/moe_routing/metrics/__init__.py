@@ -12,7 +12,16 @@ causal checks by ablating experts and steering sets (``causal``).
 """
 
 from ._common import read_all
-from .causal import CausalClaim, ablation_effect, check_claim, expert_importance, steering_bias, steering_set
+from .causal import (
+    AblationMatrix,
+    CausalClaim,
+    ablation_effect,
+    ablation_matrix,
+    check_claim,
+    expert_importance,
+    steering_bias,
+    steering_set,
+)
 from .contrast import contrast, contrast_summary, contrast_traces
 from .language import language_divergence, language_experts, reference_divergence, top_expert_overlap
 from .load import (
@@ -49,8 +58,10 @@ from .specialization import (
 __all__ = [
     "TOKEN_TYPES",
     "VOCABULARY_PRESETS",
+    "AblationMatrix",
     "CausalClaim",
     "ablation_effect",
+    "ablation_matrix",
     "balance_stats",
     "capacity_drop",
     "check_claim",

@@ -44,8 +44,10 @@ from ._common import (
 )
 
 __all__ = [
+    "AblationMatrix",
     "CausalClaim",
     "ablation_effect",
+    "ablation_matrix",
     "check_claim",
     "expert_importance",
     "steering_bias",
@@ -276,6 +278,12 @@ class _Effects:
     clean: np.ndarray
     absnum: np.ndarray
     docs: np.ndarray
+
+    def take(self, conds: Sequence[int]) -> _Effects:
+        """The same sums for some conditions only (in the order given)."""
+        idx = list(conds)
+        return _Effects(values=self.values, num=self.num[:, idx], den=self.den, clean=self.clean,
+                        absnum=self.absnum[:, idx], docs=self.docs)
 
     def ratio(self, cond: int | Sequence[int], rows: np.ndarray | None = None) -> np.ndarray:
         """Mean change per token ``[..., 1+B]`` of condition(s) over label rows (pooled; all when None)."""
@@ -638,6 +646,14 @@ def check_claim(
                                                fp32_floor=fp32_floor, n_boot=n_boot, ci=ci, batch_size=batch_size,
                                                max_length=max_length, max_tokens=max_tokens, seed=seed,
                                                progress=progress)
+    return _claim_from(eff, names, n_random, frame, experts=frame.attrs["experts"], by=by, value=label_value,
+                       mode=mode, ci=ci, seed=seed)
+
+
+def _claim_from(eff: _Effects, names: list[str], n_random: int, frame: pd.DataFrame, *, experts: dict[int, list[int]],
+                by: str, value: Any, mode: str, ci: float, seed: int) -> CausalClaim:
+    """The verdict of ``check_claim`` from accumulated sums: conditions ``names`` first, then ``n_random`` sets."""
+    label_value = value
     values = eff.values.tolist()
     if label_value not in values:
         raise MetricError(f"{by}={label_value!r} has no token in this corpus; its values are {values}.")
@@ -664,7 +680,7 @@ def check_claim(
     floor = max(abs(noise.delta), abs(noise.ci_high) if np.isfinite(noise.ci_high) else 0.0)
     if not target.ci_low > floor:
         reasons.append(f"its interval's low end {target.ci_low:+.3f} is not above the noise floor {floor:.3g}")
-    return CausalClaim(experts=frame.attrs["experts"], by=by, value=label_value, mode=mode, target=target,
+    return CausalClaim(experts=experts, by=by, value=label_value, mode=mode, target=target,
                        others=others, random=random, noise=noise, noise_fp32=fp32, beats_random=beats,
                        n_random=n_random, holds=not reasons, reasons=reasons, frame=frame)
 
@@ -696,6 +712,140 @@ def _ablation_with_effects(model: Any, tokenizer: Any, corpus: Any, experts: Exp
                           attrs={"experts": target, "mode": kw["mode"], "random_sets": sets, "n_boot": kw["n_boot"],
                                  "ci": kw["ci"]})
     return frame, eff, names
+
+
+# ---------------------------------------------------------------------------------------------- matrix
+@dataclass
+class AblationMatrix:
+    """Several expert sets ablated over one corpus (one shared clean forward per batch).
+
+    ``frame``: one row per (``set``, ``mode``, evaluated ``<by>`` value) with ``delta, ci_low, ci_high,
+    abs_delta`` of the ablation, ``random, random_low, random_high`` (the random sets' mean effect on that value,
+    first mode only; NaN for the others), ``noise`` (repeat floor), ``nll_clean, tokens, docs``.
+    ``claims``: ``{set: CausalClaim}`` for the first mode, each equal to ``check_claim(..., experts=sets[set],
+    label_value=set)`` with the same settings (when the set's name is a value of ``by``; other sets have none).
+    ``random_sets``: ``{set: [experts, ...]}`` the control sets drawn.
+    """
+
+    frame: pd.DataFrame
+    claims: dict[Any, CausalClaim]
+    random_sets: dict[Any, list[dict[int, list[int]]]]
+    modes: tuple[str, ...]
+    by: str
+
+    def matrix(self, value: str = "delta", mode: str | None = None) -> pd.DataFrame:
+        """``[set x evaluated value]`` table of one column (``delta``, ``ci_low``, ``random``, ...) for ``mode``."""
+        mode = self.modes[0] if mode is None else mode
+        if mode not in self.modes:
+            raise MetricError(f"mode {mode!r} was not run; modes: {list(self.modes)}.")
+        if value not in self.frame.columns:
+            raise MetricError(f"no column {value!r}; columns: {list(self.frame.columns)}.")
+        sub = self.frame[self.frame["mode"] == mode]
+        sets = list(dict.fromkeys(sub["set"]))
+        values = list(dict.fromkeys(sub[self.by]))
+        return sub.pivot(index="set", columns=self.by, values=value).reindex(index=sets, columns=values)
+
+
+def ablation_matrix(
+    model: Any,
+    tokenizer: Any,
+    corpus: Any,
+    sets: Mapping[Any, Experts],
+    *,
+    by: str = "lang",
+    labels: Mapping[str, Sequence[Any]] | None = None,
+    text_column: str = "text",
+    modes: Sequence[str] = ("reroute",),
+    n_random: int = 5,
+    fp32_floor: bool = True,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> AblationMatrix:
+    """Ablate each of ``sets`` (``{name: {layer: [expert, ...]}}``, e.g. one per language) and measure every
+    value of ``by``: the ablation matrix (ablated set x evaluated value) with bootstrap intervals over texts.
+
+    One streamed pass; per batch: the clean forward, the repeat-noise forward (and the fp32 copy for a model in
+    another dtype), each set in each of ``modes``, and ``n_random`` random sets of each set's size and layers
+    (under ``modes[0]``). Forwards per batch: ``2 + len(sets) * (len(modes) + n_random)`` (+1 for fp32).
+    Random sets of a set are drawn as ``check_claim`` draws them (``seed``), so ``claims[name]`` equals
+    ``check_claim(model, tokenizer, corpus, sets[name], name, ...)`` with the same settings.
+    """
+    import torch
+
+    if not isinstance(sets, Mapping) or not sets:
+        raise MetricError(f"sets must be a non-empty mapping {{name: {{layer: [expert, ...]}}}}, got {sets!r}.")
+    modes = tuple(modes)
+    if not modes or len(set(modes)) != len(modes):
+        raise MetricError(f"modes must be distinct modes, e.g. ('reroute', 'zero'); got {modes!r}.")
+    from ..intervene import MODES
+
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise MetricError(f"unknown modes {bad}; modes: {list(MODES)}.")
+    if n_random < 1:
+        raise MetricError("ablation_matrix compares with random sets: n_random must be at least 1.")
+    layout = _moe_layout(model)
+    targets = {name: _check_experts(es, layout, what=f"sets[{name!r}]") for name, es in sets.items()}
+    conditions = [_repeat(model)]
+    names = [NOISE_REPEAT]
+    ref = None
+    if fp32_floor and _model_dtype(model) not in (None, torch.float32):
+        ref = copy.deepcopy(model).to(torch.float32)
+        conditions.append(_repeat(ref))
+        names.append(NOISE_FP32)
+    fixed = list(range(len(conditions)))
+    ablated: dict[tuple[Any, str], int] = {}
+    for mode in modes:
+        for name, target in targets.items():
+            ablated[(name, mode)] = len(conditions)
+            conditions.append(_ablated(model, target, mode))
+    drawn: dict[Any, list[dict[int, list[int]]]] = {}
+    randoms: dict[Any, list[int]] = {}
+    for name, target in targets.items():
+        drawn[name] = _random_sets(target, layout, n_random, np.random.default_rng(seed))
+        randoms[name] = list(range(len(conditions), len(conditions) + n_random))
+        conditions += [_ablated(model, s, modes[0]) for s in drawn[name]]
+    eff = _run(model, tokenizer, corpus, conditions, by=by, labels=labels, text_column=text_column,
+               batch_size=batch_size, max_length=max_length, max_tokens=max_tokens, n_boot=n_boot, seed=seed,
+               progress=progress, desc=f"ablation matrix ({len(conditions) + 1} forwards a batch)")
+    del ref
+    claim_names = ["ablated", *names]
+    values = eff.values.tolist()
+    rows: list[dict[str, Any]] = []
+    claims: dict[Any, CausalClaim] = {}
+    for name, target in targets.items():
+        sub = eff.take([ablated[(name, modes[0])], *fixed, *randoms[name]])
+        frame = _effect_frame(sub, claim_names, n_random, by, ci, seed,
+                              attrs={"experts": target, "mode": modes[0], "random_sets": drawn[name],
+                                     "n_boot": n_boot, "ci": ci})
+        if name in values and len(values) > 1:
+            claims[name] = _claim_from(sub, claim_names, n_random, frame, experts=target, by=by, value=name,
+                                       mode=modes[0], ci=ci, seed=seed)
+        random = frame[frame["condition"] == "random"].set_index(by)
+        noise = frame[frame["condition"] == NOISE_REPEAT].set_index(by)
+        for mode in modes:
+            c = ablated[(name, mode)]
+            for v, value in enumerate(values):
+                den = eff.den[v, 0]
+                point, lo, hi = _interval(eff.ratio(c, np.array([v])), ci)
+                first = mode == modes[0]
+                rows.append({"set": name, "mode": mode, by: value, "delta": point, "ci_low": lo, "ci_high": hi,
+                             "abs_delta": eff.absnum[v, c] / den if den else np.nan,
+                             "random": random.at[value, "delta"] if first else np.nan,
+                             "random_low": random.at[value, "ci_low"] if first else np.nan,
+                             "random_high": random.at[value, "ci_high"] if first else np.nan,
+                             "noise": noise.at[value, "delta"],
+                             "nll_clean": eff.clean[v, 0] / den if den else np.nan, "tokens": int(den),
+                             "docs": int(eff.docs[v])})
+    frame = pd.DataFrame(rows)
+    frame.attrs.update({"modes": modes, "n_random": n_random, "n_boot": n_boot, "ci": ci,
+                        "experts": targets, "noise_conditions": names})
+    return AblationMatrix(frame=frame, claims=claims, random_sets=drawn, modes=modes, by=by)
 
 
 # ---------------------------------------------------------------------------------------------- steering
