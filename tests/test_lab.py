@@ -24,8 +24,8 @@ import pytest
 pytest.importorskip("jupyterlab")
 pytest.importorskip("jupytext")
 
-from moe_routing import lab  # noqa: E402
-from moe_routing.report import ensure_kernel, find_notebooks  # noqa: E402
+from moe_routing import lab
+from moe_routing.report import ensure_kernel, find_notebooks
 
 NOTEBOOKS = find_notebooks(None)
 

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(r)
     r.set_defaults(func=_cmd_report)
 
-    from .atlas import add_arguments as atlas_arguments, run as atlas_run  # the expert atlas (static HTML)
+    from .atlas import add_arguments as atlas_arguments  # the expert atlas (static HTML)
 
     atlas_arguments(sub.add_parser("atlas", help="static offline HTML atlas: one page per (layer, expert)"))
     lb = sub.add_parser("lab", help="JupyterLab on the notebooks (.py files open as notebooks)")

@@ -351,8 +351,8 @@ CHROMIUM_FLAGS = (
 )
 
 
-def _chromium(args: Sequence[str], page: Path, *, budget_ms: int, timeout: float) -> str:
-    """Run headless Chromium on ``page`` with extra ``args``; returns its stdout."""
+def _chromium(args: Sequence[str], page: Path, *, budget_ms: int, timeout: float, fragment: str = "") -> str:
+    """Run headless Chromium on ``page`` (``#fragment`` appended when given) with extra ``args``; its stdout."""
     import subprocess
     import tempfile
 
@@ -368,7 +368,7 @@ def _chromium(args: Sequence[str], page: Path, *, budget_ms: int, timeout: float
             *args,
         ]
         proc = subprocess.run(
-            [*cmd, Path(page).resolve().as_uri()],
+            [*cmd, Path(page).resolve().as_uri() + (f"#{fragment}" if fragment else "")],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -379,9 +379,9 @@ def _chromium(args: Sequence[str], page: Path, *, budget_ms: int, timeout: float
     return proc.stdout
 
 
-def dump_dom(page: str | Path, *, budget_ms: int = 10000, timeout: float = 120) -> str:
-    """The DOM of ``page`` after its scripts ran (headless Chromium ``--dump-dom``)."""
-    return _chromium(["--dump-dom"], Path(page), budget_ms=budget_ms, timeout=timeout)
+def dump_dom(page: str | Path, *, budget_ms: int = 10000, timeout: float = 120, fragment: str = "") -> str:
+    """The DOM of ``page`` (opened at ``#fragment`` when given) after its scripts ran (``--dump-dom``)."""
+    return _chromium(["--dump-dom"], Path(page), budget_ms=budget_ms, timeout=timeout, fragment=fragment)
 
 
 def screenshot(
@@ -391,6 +391,7 @@ def screenshot(
     size: tuple[int, int] = (1400, 2000),
     budget_ms: int = 10000,
     timeout: float = 120,
+    fragment: str = "",
 ) -> Path:
     """PNG screenshot of ``page`` (``size`` = window width, height in CSS pixels) by headless Chromium."""
     png = Path(png).resolve()
@@ -400,6 +401,7 @@ def screenshot(
         Path(page),
         budget_ms=budget_ms,
         timeout=timeout,
+        fragment=fragment,
     )
     if not png.exists():
         raise ReportError(f"chromium wrote no screenshot of {page}.")
