@@ -172,60 +172,81 @@ def build_atlas_data(
 
     index: list[list[Any]] = []
     shards: dict[int, dict[str, Any]] = {}
-    load_idx = load.set_index(["layer", "expert"])
+    # everything per (layer, expert) grouped once, so a page costs dictionary look-ups (48 x 128 stays fast)
+    n_l = len(layers)
+    cnt = load["count"].to_numpy().reshape(n_l, e)
+    shr = load["share"].to_numpy().reshape(n_l, e)
+    ratio = load["load_ratio"].to_numpy().reshape(n_l, e)
+    co_all = np.asarray(coact.values, dtype=np.float64)  # [layers, E, E]
+    flow_all = np.asarray(flows.values, dtype=np.float64) if flows is not None else None  # [layers - 1, E, E]
+    flow_n = np.asarray(M.transitions(tr, normalize=False).values, dtype=np.float64) if flows is not None else None
+    lab_rows: dict[str, dict[tuple[int, int], list[list[Any]]]] = {}
+    for name, df in usage.items():
+        d = df.sort_values("lift", ascending=False, kind="stable")
+        groups: dict[tuple[int, int], list[list[Any]]] = {}
+        for v, lay, x, c, sh_, lf, t in zip(d[name], d["layer"], d["expert"], d["count"], d["share"], d["lift"],
+                                           d["tokens"], strict=True):
+            groups.setdefault((int(lay), int(x)), []).append([str(v), int(c), _finite(sh_), _finite(lf, 3), int(t)])
+        lab_rows[name] = groups
+    tok_rows: dict[tuple[int, int], list[Any]] = {}
+    for r in top.itertuples():
+        tok_rows.setdefault((int(r.layer), int(r.expert)), []).append(r)
+    eff_rows: dict[tuple[int, int], list[list[Any]]] = {}
+    if effect is not None:
+        group = next((c for c in effect.columns if c not in {
+            "layer", "expert", "delta", "ci_low", "ci_high", "abs_delta", "nll_clean", "tokens", "docs"}), None)
+        for _, r in effect.iterrows():
+            eff_rows.setdefault((int(r["layer"]), int(r["expert"])), []).append([
+                str(r[group]) if group else "all", _finite(r["delta"]), _finite(r.get("ci_low", np.nan)),
+                _finite(r.get("ci_high", np.nan)),
+                int(r["tokens"]) if "tokens" in r and pd.notna(r["tokens"]) else None])
+
+    def ranked(values: np.ndarray, skip: int | None = None) -> list[int]:
+        v = np.nan_to_num(values, nan=-1.0)
+        return [int(j) for j in np.argsort(-v, kind="stable") if j != skip and v[j] > 0][:n_coactive]
+
     for li, layer in enumerate(layers):
-        top_l = top[top["layer"] == layer]
-        wanted = {int(x): g["token_id"].astype(int).tolist() for x, g in top_l.groupby("expert")}
+        wanted = {x: [int(r.token_id) for r in tok_rows.get((layer, x), [])] for x in range(e)}
         lines = _concordance(tr, li, wanted, n_lines, context, decode_run)
-        next_layer = layers[li + 1] if li + 1 < len(layers) else None
+        next_layer = layers[li + 1] if li + 1 < n_l else None
         prev_layer = layers[li - 1] if li > 0 else None
-        next_share = load[load["layer"] == next_layer].set_index("expert")["share"] if next_layer is not None else None
+        # tokens reaching each expert here from each expert of the previous layer: P(here | prev) * prev top-1s
+        fed = flow_n[li - 1] if flow_n is not None and prev_layer is not None else None  # [prev E, E] counts
+        next_base = None  # the next layer's top-1 shares: what P(next | this) is under layer-independent routing
+        if flow_n is not None and next_layer is not None:
+            col_tot = flow_n[li].sum(axis=0)
+            next_base = col_tot / max(col_tot.sum(), 1.0)
         experts: list[dict[str, Any]] = []
         for x in range(e):
-            row = load_idx.loc[(layer, x)]
             page: dict[str, Any] = {
-                "count": int(row["count"]), "share": _finite(row["share"]),
+                "count": int(cnt[li, x]), "share": _finite(shr[li, x]),
                 "share_low": _finite(share_lo[li, x]), "share_high": _finite(share_hi[li, x]),
-                "load_ratio": _finite(row["load_ratio"], 3), "dead": bool(row["dead"]),
+                "load_ratio": _finite(ratio[li, x], 3), "dead": bool(cnt[li, x] == 0),
             }
-            lab: dict[str, list[list[Any]]] = {}
+            lab = {name: groups.get((layer, x), []) for name, groups in lab_rows.items()}
             best: tuple[str, Any, float] | None = None
-            for name, df in usage.items():
-                d = df[(df["layer"] == layer) & (df["expert"] == x)].sort_values("lift", ascending=False)
-                rows = [[str(v), int(c), _finite(s), _finite(lf, 3), int(t)]
-                        for v, c, s, lf, t in zip(d[name], d["count"], d["share"], d["lift"], d["tokens"], strict=True)]
-                lab[name] = rows
+            for name, rows in lab.items():
                 for v, c, _s, lf, _t in rows:
                     if c >= min_count and lf is not None and (best is None or lf > best[2]):
                         best = (name, v, lf)
             page["labels"] = lab
-            t = top_l[top_l["expert"] == x]
             page["tokens"] = [
                 {"id": int(r.token_id), "text": str(r.token), "count": int(r.count),
                  "expert_share": _finite(r.expert_share), "token_share": _finite(r.token_share),
                  "lift": _finite(r.lift, 3), "lines": lines.get((x, int(r.token_id)), [])}
-                for r in t.itertuples()
+                for r in tok_rows.get((layer, x), [])
             ]
-            co = coact.sel(layer=layer, expert=x).values
-            order = [int(j) for j in np.argsort(-co, kind="stable") if j != x and co[j] > 0][:n_coactive]
-            page["coactive"] = [[j, _finite(co[j])] for j in order]
-            if flows is not None and next_layer is not None and next_share is not None:
-                f = flows.sel(layer=layer, expert=x).values
-                order = [int(j) for j in np.argsort(-np.nan_to_num(f, nan=-1.0), kind="stable") if f[j] > 0]
-                page["feeds"] = [[j, _finite(f[j]), _finite(next_share.get(j, np.nan))] for j in order[:n_coactive]]
-            if flows is not None and prev_layer is not None:
-                f = flows.sel(layer=prev_layer).values[:, x] * load[load["layer"] == prev_layer]["count"].to_numpy()
-                tot = np.nansum(f)
-                order = [int(j) for j in np.argsort(-np.nan_to_num(f, nan=-1.0), kind="stable") if f[j] > 0]
-                page["fed_by"] = [[j, _finite(f[j] / tot if tot else np.nan)] for j in order[:n_coactive]]
+            co = co_all[li, x]
+            page["coactive"] = [[j, _finite(co[j])] for j in ranked(co, skip=x)]
+            if flow_all is not None and next_base is not None:
+                f = flow_all[li, x]
+                page["feeds"] = [[j, _finite(f[j]), _finite(next_base[j])] for j in ranked(f)]
+            if fed is not None:
+                col = fed[:, x]
+                tot = col.sum()
+                page["fed_by"] = [[j, _finite(col[j] / tot if tot else np.nan)] for j in ranked(col)]
             if effect is not None:
-                d = effect[(effect["layer"] == layer) & (effect["expert"] == x)]
-                group = next((c for c in d.columns if c not in {
-                    "layer", "expert", "delta", "ci_low", "ci_high", "abs_delta", "nll_clean", "tokens", "docs"}), None)
-                page["effect"] = [[str(r[group]) if group else "all", _finite(r["delta"]),
-                                   _finite(r.get("ci_low", np.nan)), _finite(r.get("ci_high", np.nan)),
-                                   int(r["tokens"]) if "tokens" in r and pd.notna(r["tokens"]) else None]
-                                  for _, r in d.iterrows()]
+                page["effect"] = eff_rows.get((layer, x), [])
             experts.append(page)
             index.append([layer, x, page["count"], page["share"], page["share_low"], page["share_high"],
                           page["load_ratio"], best[0] + "=" + best[1] if best else "", best[2] if best else None,
