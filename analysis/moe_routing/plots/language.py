@@ -33,6 +33,7 @@ def language_usage_heatmap(
     normalize: Normalize = "lift",
     languages: Sequence[str] | None = None,
     title: str | None = None,
+    min_count: int | None = None,
 ) -> go.Figure:
     """Languages (rows, by name) x experts, one heatmap per decoder layer behind a slider.
 
@@ -47,6 +48,7 @@ def language_usage_heatmap(
         values=languages,
         title=title
         or ("Expert preference by language (lift over overall share)" if normalize == "lift" else None),
+        min_count=min_count,
     )
 
 
