@@ -44,7 +44,7 @@ def _decoder(tokens: Any) -> tuple[Callable[[int], str], Callable[[Sequence[int]
     if tokens is None:
         def one(i: int) -> str:
             return f"#{i}"
-        return one, lambda ids: " ".join(one(int(i)) for i in ids)
+        return one, lambda ids: " ".join(f"#{i}" for i in ids)
     if hasattr(tokens, "decode"):
         cache: dict[int, str] = {}
 
@@ -102,25 +102,30 @@ def _concordance(trace: Any, li: int, wanted: dict[int, list[int]], n_lines: int
     skeys, spos = keys[order], pos[order]
     docs = trace.doc_ids
     n = len(tok)
+    # first and one-past-last token index of each token's document (docs are contiguous runs in a trace)
+    change = np.r_[True, docs[1:] != docs[:-1]] if n else np.zeros(0, bool)
+    run_start = np.maximum.accumulate(np.where(change, np.arange(n), 0)) if n else np.zeros(0, np.int64)
+    ends = np.r_[np.flatnonzero(change)[1:], n] if n else np.zeros(0, np.int64)
+    run_end = ends[np.cumsum(change) - 1] if n else np.zeros(0, np.int64)
+    pairs = [(int(x), int(t)) for x, ts in wanted.items() for t in ts]
+    if not pairs:
+        return {}
+    want = np.array([t * e + x for x, t in pairs], dtype=np.int64)
+    los = np.searchsorted(skeys, want, side="left").tolist()
+    his = np.searchsorted(skeys, want, side="right").tolist()
+    tok_list = tok.tolist()
     out: dict[tuple[int, int], list[list[str]]] = {}
-    for expert, token_ids in wanted.items():
-        for t in token_ids:
-            key = int(t) * e + int(expert)
-            lo, hi = np.searchsorted(skeys, [key, key + 1])
-            if hi <= lo:
-                continue
-            take = np.unique(np.linspace(lo, hi - 1, num=min(n_lines, hi - lo)).round().astype(int))
-            lines = []
-            for p in spos[take]:
-                p = int(p)
-                a = p
-                while a > 0 and p - a < width and docs[a - 1] == docs[p]:
-                    a -= 1
-                b = p + 1
-                while b < n and b - p <= width and docs[b] == docs[p]:
-                    b += 1
-                lines.append([decode_run(tok[a:p]), decode_run(tok[p:p + 1]), decode_run(tok[p + 1:b])])
-            out[(int(expert), int(t))] = lines
+    for (x, t), lo, hi in zip(pairs, los, his, strict=True):
+        m = min(n_lines, hi - lo)
+        if m <= 0:
+            continue
+        take = sorted({lo + ((hi - 1 - lo) * i) // max(m - 1, 1) for i in range(m)})
+        lines = []
+        for p in spos[take].tolist():
+            a = max(p - width, int(run_start[p]))
+            b = min(p + 1 + width, int(run_end[p]))
+            lines.append([decode_run(tok_list[a:p]), decode_run(tok_list[p:p + 1]), decode_run(tok_list[p + 1:b])])
+        out[(x, t)] = lines
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -165,5 +167,5 @@ def test_neighbouring_experts_differ_in_hue() -> None:
 
     for n in (12, 16, 20):
         hues = [colorsys.rgb_to_hls(*(int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)))[0] for c in expert_colors(n)]
-        for a, b in zip(hues, hues[1:], strict=False):
+        for a, b in itertools.pairwise(hues):
             assert min(abs(a - b), 1 - abs(a - b)) > 0.02, (n, a, b)
