@@ -71,7 +71,7 @@ def test_lift_masks_cells_with_too_few_slots(trace: RoutingTrace) -> None:
     few = (counts[0] < 10) & (expected < 10)
     assert few.any() and (~few).any()
     assert np.isnan(z[few]).all() and np.isfinite(z[~few]).all()
-    assert "blank: fewer than 10 slots" in fig.layout.title.text
+    assert "grey: fewer than 10 slots" in fig.layout.title.text and fig.layout.plot_bgcolor == "#d0d0d0"
     flagged = frame.assign(too_few=frame["count"] < 3)  # a metric's own too_few column is honoured too
     z2 = np.asarray(language_usage_heatmap(flagged).data[0].z, dtype=float)
     assert np.isnan(z2).sum() == int(flagged[flagged["layer"] == 1]["too_few"].sum())

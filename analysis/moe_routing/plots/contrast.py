@@ -86,7 +86,10 @@ def divergence_matrix_heatmap(
                 + (f"layer {la}" if la is not None else "") + "</extra>",
             )
         )  # fmt: skip
-    side = int(max(420, 34 * len(shown) + 200))
+    # cells shrink with many groups so the matrix and its colour bar fit a 1000 px page; no fixed width: the
+    # figure fills its container (square cells kept by scaleanchor)
+    cell = float(np.clip(600 / max(len(shown), 1), 14, 34))
+    side = int(max(420, cell * len(shown) + 200))
     single = len(shown_layers) == 1
     where = f" · decoder layer {shown_layers[0]}" if single and shown_layers[0] is not None else ""
     fig.update_layout(
@@ -100,8 +103,8 @@ def divergence_matrix_heatmap(
         xaxis={**category_axis(shown), "tickangle": -45 if len(shown) > 6 else 0, "scaleanchor": "y"},
         yaxis={**category_axis(shown), "autorange": "reversed"},
         sliders=[] if single else [layer_slider(shown_layers, pad={"t": 40 + (50 if len(shown) > 6 else 0)})],
-        width=side + 160,
         height=side + (0 if single else 90),
+        margin={"r": 20},
     )
     return fig
 

@@ -166,12 +166,19 @@ def label_usage_heatmap(
                 visible=j == 0,
             )
         )
-    note = f" · blank: fewer than {min_count} slots observed and expected" if masked else ""
+    blank = int(np.isnan(mats).sum())
+    if masked:
+        note = f" · grey: fewer than {min_count} slots observed and expected"
+    elif blank and normalize != "count":
+        note = " · grey: no estimate (too few slots, or an expert never chosen)"
+    else:
+        note = ""
     fig.update_layout(
         title=(title or f"Expert usage by {label}" + (" (first choice)" if top1 else "")) + note,
         coloraxis=coloraxis,
-        xaxis={"title": {"text": "expert"}, "dtick": 1 if n_exp <= 32 else None},
-        yaxis={"title": {"text": label}, "autorange": "reversed", **category_axis(names)},
+        xaxis={"title": {"text": "expert"}, "dtick": 1 if n_exp <= 32 else None, "showgrid": False},
+        yaxis={"title": {"text": label}, "autorange": "reversed", "showgrid": False, **category_axis(names)},
+        plot_bgcolor="#d0d0d0" if blank else None,  # masked cells grey, apart from the white of lift 1
         sliders=[layer_slider(shown_layers)],
         height=int(max(360, 24 * len(names) + 230)),
     )
