@@ -34,8 +34,8 @@ import numpy as np
 
 from .errors import UsageError
 
-#: label columns with more distinct values than this are not shown as labels (ids, free text)
-MAX_LABEL_VALUES = 300
+#: label columns with more distinct values than this are not shown by default (ids, free text; pass labels=)
+MAX_LABEL_VALUES = 60
 
 
 def _decoder(tokens: Any) -> tuple[Callable[[int], str], Callable[[Sequence[int]], str]]:
@@ -165,8 +165,8 @@ def build_atlas_data(
         unknown = [x for x in labels if x not in tr.labels]
         if unknown:
             raise UsageError(f"labels {unknown} are not in the trace; it has {sorted(tr.labels)}.")
-    label_names = [x for x in (labels if labels is not None else sorted(tr.labels))
-                   if len(np.unique(tr.labels[x].astype(str))) <= MAX_LABEL_VALUES]
+    label_names = list(labels) if labels is not None else [  # default: labels that split the tokens in a few ways
+        x for x in sorted(tr.labels) if 2 <= len(np.unique(tr.labels[x].astype(str))) <= MAX_LABEL_VALUES]
     usage = {name: M.label_usage(tr, name) for name in label_names}
 
     top = M.top_tokens(tr, n=top_n, tokens=one)
@@ -284,7 +284,7 @@ def atlas(
     """Write the expert atlas of ``trace`` (RoutingTrace, trace directory or reader) into ``out``; the index path.
 
     ``tokens``: a tokenizer (or vocabulary list / mapping / function) to show token strings; ``labels``: label
-    columns to show (default: every label with at most ``MAX_LABEL_VALUES`` values); ``ablation``: a frame
+    columns to show (default: every label with 2 to ``MAX_LABEL_VALUES`` values); ``ablation``: a frame
     or csv/parquet/json file of :func:`moe_routing.metrics.expert_importance` (default: an
     ``expert_importance.{parquet,csv}`` inside the trace directory, if any); ``top_n`` tokens per expert with
     ``n_lines`` concordance lines of ``context`` tokens each side; ``n_boot`` document-bootstrap replicates
@@ -513,11 +513,15 @@ function show() {
     "routing gives " + fmt(F.coactive_random, 3) + ".</p>" + (x.coactive.length ? table(["expert", "P(other | this)"],
     x.coactive.map(function (c) { return "<tr><td>" + link(L, c[0]) + '</td><td class="num">' + fmt(c[1], 3) + "</td></tr>"; }))
     : "<p>None (top-1 routing or never chosen).</p>"));
-  if (x.feeds) out.push("<h2>Feeds, layer " + sh.next + "</h2><p class='note'>P(next top-1 | this top-1) beside the next " +
+  if (x.feeds && !x.feeds.length) out.push("<h2>Feeds, layer " + sh.next + "</h2><p>Never the first choice of a token " +
+    "in this layer, so it passes no first choices on.</p>");
+  if (x.fed_by && !x.fed_by.length) out.push("<h2>Fed by, layer " + sh.prev + "</h2><p>Never the first choice of a " +
+    "token in this layer.</p>");
+  if (x.feeds && x.feeds.length) out.push("<h2>Feeds, layer " + sh.next + "</h2><p class='note'>P(next top-1 | this top-1) beside the next " +
     "expert's share of all top-1 choices (what layer-independent routing gives).</p>" + table(["next expert",
     "P(next | this)", "base share"], x.feeds.map(function (c) { return "<tr><td>" + link(sh.next, c[0]) +
       '</td><td class="num">' + fmt(c[1], 3) + '</td><td class="num">' + fmt(c[2], 3) + "</td></tr>"; })));
-  if (x.fed_by) out.push("<h2>Fed by, layer " + sh.prev + "</h2>" + table(["previous expert", "share of this expert's tokens"],
+  if (x.fed_by && x.fed_by.length) out.push("<h2>Fed by, layer " + sh.prev + "</h2>" + table(["previous expert", "share of this expert's tokens"],
     x.fed_by.map(function (c) { return "<tr><td>" + link(sh.prev, c[0]) + '</td><td class="num">' + fmt(c[1], 3) +
       "</td></tr>"; })));
   if (x.effect) out.push("<h2>Causal effect of ablating it</h2><p class='note'>mean NLL change per token when the expert " +
