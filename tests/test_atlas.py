@@ -65,6 +65,20 @@ def test_data_comes_from_the_metrics(trace: mr.RoutingTrace) -> None:
     assert facts["tokens"] == trace.num_tokens and facts["has_effect"] is False
 
 
+def test_index_lists_preferred_label_values(site: Path) -> None:
+    from moe_routing.atlas import PREFER
+
+    payload = _payload(site.parent / "data" / "index.js")
+    cols = payload["columns"]
+    shards = {x: _payload(site.parent / "data" / f"L{x}.js") for x in payload["facts"]["layers"]}
+    for r in payload["rows"]:
+        page = shards[r[0]]["experts"][r[1]]
+        want = {f"lang={v}" for v, c, _s, lf, _t in page["labels"]["lang"]
+                if c >= payload["facts"]["min_count"] and lf is not None and lf >= PREFER}
+        got = {p.split(" (")[0] for p in r[cols.index("prefers")].split(") ") if p}
+        assert got == want, (r, want)
+
+
 def test_site_layout_and_shards(site: Path, trace: mr.RoutingTrace) -> None:
     root = site.parent
     assert {p.name for p in root.iterdir()} >= {"index.html", "expert.html", "atlas.css", "data"}
@@ -127,7 +141,9 @@ def test_index_renders_links_resolve_and_search_works(site: Path, trace: mr.Rout
     one = dump_dom(site, budget_ms=5000, fragment="q=L3 E5")
     assert re.findall(r'href="expert.html#(L\d+-E\d+)"', _body(one)) == ["L3-E5"]
     fr = dump_dom(site, budget_ms=5000, fragment="q=lang=fr")
-    expected = sum(r[7] == "lang=fr" for r in _payload(site.parent / "data" / "index.js")["rows"])
+    payload = _payload(site.parent / "data" / "index.js")
+    cols = payload["columns"]
+    expected = sum("lang=fr" in (r[cols.index("label")] + " " + r[cols.index("prefers")]) for r in payload["rows"])
     assert 0 < expected < len(rows) and len(re.findall(r'<tr class="row">', _body(fr))) == expected
 
 

@@ -36,6 +36,8 @@ from .errors import UsageError
 
 #: label columns with more distinct values than this are not shown by default (ids, free text; pass labels=)
 MAX_LABEL_VALUES = 60
+#: the index lists, per expert, the label values with at least this lift (and ``min_count`` slots)
+PREFER = 1.5
 
 
 def _decoder(tokens: Any) -> tuple[Callable[[int], str], Callable[[Sequence[int]], str]]:
@@ -230,10 +232,13 @@ def build_atlas_data(
             }
             lab = {name: groups.get((layer, x), []) for name, groups in lab_rows.items()}
             best: tuple[str, Any, float] | None = None
+            prefs: list[tuple[float, str]] = []  # label values it prefers (lift >= PREFER, enough slots)
             for name, rows in lab.items():
                 for v, c, _s, lf, _t in rows:
                     if c >= min_count and lf is not None and (best is None or lf > best[2]):
                         best = (name, v, lf)
+                    if c >= min_count and lf is not None and lf >= PREFER:
+                        prefs.append((lf, f"{name}={v}"))
             page["labels"] = lab
             page["tokens"] = [
                 {"id": int(r.token_id), "text": str(r.token), "count": int(r.count),
@@ -255,13 +260,14 @@ def build_atlas_data(
             experts.append(page)
             index.append([layer, x, page["count"], page["share"], page["share_low"], page["share_high"],
                           page["load_ratio"], best[0] + "=" + best[1] if best else "", best[2] if best else None,
-                          " ".join(tk["text"] for tk in page["tokens"][:5])])
+                          " ".join(tk["text"] for tk in page["tokens"][:5]),
+                          " ".join(f"{t} ({lf:.1f})" for lf, t in sorted(prefs, reverse=True)[:6])])
         shards[layer] = {"layer": layer, "prev": prev_layer, "next": next_layer, "experts": experts}
     facts = {
         "model": tr.model_name or "?", "tokens": int(tr.num_tokens), "docs": len(np.unique(tr.doc_ids)),
         "layers": layers, "num_experts": e, "top_k": int(tr.top_k), "labels": label_names,
         "ci": ci, "n_boot": n_boot, "min_count": min_count, "coactive_random": _finite(co_random),
-        "uniform_share": _finite(1 / e), "has_effect": effect is not None,
+        "uniform_share": _finite(1 / e), "has_effect": effect is not None, "prefer": PREFER,
     }
     return index, shards, facts
 
@@ -301,7 +307,8 @@ def atlas(
     root = Path(out)
     (root / "data").mkdir(parents=True, exist_ok=True)
     facts["built"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    cols = ["layer", "expert", "count", "share", "share_low", "share_high", "load_ratio", "label", "lift", "tokens"]
+    cols = ["layer", "expert", "count", "share", "share_low", "share_high", "load_ratio", "label", "lift", "tokens",
+            "prefers"]
     _write_js(root / "data" / "index.js", "ATLAS_INDEX", {"facts": facts, "columns": cols, "rows": index})
     for layer, shard in shards.items():
         _write_js(root / "data" / f"L{layer}.js", "ATLAS_SHARD", shard)
@@ -382,7 +389,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} .few{color:#999;font-
 input#q{width:100%;max-width:30rem;padding:.4rem;font-size:1rem;margin:.6rem 0}
 .conc{font-family:ui-monospace,Menlo,monospace;font-size:.8rem;color:#555;white-space:pre-wrap}
 .conc b{background:#ffe9a8;color:#000} .bar{display:inline-block;height:.7rem;background:#4c78a8;vertical-align:middle}
-.ws{color:#b0b0b0} .note{color:#666;font-size:.85rem;margin:.3rem 0}
+.ws{color:#b0b0b0} .note{color:#666;font-size:.85rem;margin:.3rem 0} td.pref{font-size:.8rem;color:#444}
 """
 
 _INDEX_HTML = """<!DOCTYPE html>
@@ -401,7 +408,8 @@ function ATLAS_INDEX(d) { D = d; }
 <script>
 var C = D.columns, F = D.facts;
 var SHOW = [["layer","layer"],["expert","expert"],["count","slots"],["share","load share"],["ci","CI"],
-            ["load_ratio","× balanced"],["label","strongest label"],["lift","lift"],["tokens","top tokens"]];
+            ["load_ratio","× balanced"],["label","strongest label"],["lift","lift"],["prefers","prefers (lift ≥ " + F.prefer + ")"],
+            ["tokens","top tokens"]];
 function col(r, k) { return r[C.indexOf(k)]; }
 function fmt(v, d) { return v === null || v === undefined ? "–" : (+v).toFixed(d); }
 function esc(s) { return String(s).replace(/[&<>"]/g, function (c) {
@@ -415,7 +423,7 @@ function matches(r, q) {
   return q.toLowerCase().split(/\\s+/).every(function (w) {
     var m = /^l(\\d+)$/.exec(w); if (m) return col(r, "layer") == +m[1];
     m = /^e(\\d+)$/.exec(w); if (m) return col(r, "expert") == +m[1];
-    return (col(r, "label") + " " + col(r, "tokens")).toLowerCase().indexOf(w) >= 0;
+    return (col(r, "label") + " " + col(r, "prefers") + " " + col(r, "tokens")).toLowerCase().indexOf(w) >= 0;
   });
 }
 function draw() {
@@ -435,7 +443,8 @@ function draw() {
       col(r, "expert") + '</a></td><td class="num">' + col(r, "count") + '</td><td class="num">' +
       fmt(col(r, "share"), 4) + '</td><td class="num">' + fmt(col(r, "share_low"), 4) + "–" +
       fmt(col(r, "share_high"), 4) + '</td><td class="num">' + fmt(col(r, "load_ratio"), 2) + "</td><td>" +
-      esc(col(r, "label")) + '</td><td class="num">' + fmt(col(r, "lift"), 2) + "</td><td>" + esc(col(r, "tokens")) +
+      esc(col(r, "label")) + '</td><td class="num">' + fmt(col(r, "lift"), 2) + '</td><td class="pref">' +
+      esc(col(r, "prefers")) + "</td><td>" + esc(col(r, "tokens")) +
       "</td></tr>"; }).join("");
 }
 document.getElementById("head").addEventListener("click", function (ev) {
