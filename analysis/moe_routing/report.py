@@ -530,8 +530,8 @@ def run_facts(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
     runs = Path(str(p["RUNS"])) if p.get("RUNS") else None
     if runs is not None and runs.is_dir():
         for rel, m in _manifests(runs):
-            model = m.get("model") if isinstance(m.get("model"), dict) else {}
-            settings = m.get("settings") if isinstance(m.get("settings"), dict) else {}
+            model: dict[str, Any] = m["model"] if isinstance(m.get("model"), dict) else {}
+            settings: dict[str, Any] = m["settings"] if isinstance(m.get("settings"), dict) else {}
             facts["traces"].append({
                 "trace": rel, "model": m.get("model_name") or model.get("name"),
                 "model_type": m.get("model_type") or model.get("model_type"), "dtype": model.get("dtype"),

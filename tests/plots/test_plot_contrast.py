@@ -179,3 +179,31 @@ def test_usage_difference_heatmap_is_centred_on_zero() -> None:
     z = np.asarray(heat.z)
     np.testing.assert_allclose(z, df.pivot(index="layer", columns="expert", values="diff").to_numpy())
     assert heat.zmid == 0 and heat.zmin == -heat.zmax
+
+
+def test_role_names_are_aliases_of_the_old_keywords() -> None:
+    """x / y / color / low / high mean the same in every plot; the older keywords keep working."""
+    from moe_routing.plots import differential_usage, divergence_over_depth, divergence_to_reference
+
+    depth = pd.DataFrame({"layer": [1, 3, 1, 3], "g": ["en", "en", "de", "de"], "js": [0.1, 0.2, 0.3, 0.4]})
+    old = divergence_over_depth(depth, value="js", color="g", low=None, high=None)
+    new = divergence_over_depth(depth, y="js", color="g", low=None, high=None)
+    assert [list(t.y) for t in old.data] == [list(t.y) for t in new.data]
+    ref = divergence_to_reference(depth.rename(columns={"g": "lang"}), y="js", color="lang", reference="en")
+    assert [t.name for t in ref.data] == ["German"]
+    diff = pd.DataFrame({"layer": 1, "expert": [0, 1], "d": [0.2, -0.1], "ci_low": [0.1, -0.2], "ci_high": [0.3, 0.0]})
+    a, b = differential_usage(diff, value="d"), differential_usage(diff, x="d")
+    assert [list(t.x) for t in a.data] == [list(t.x) for t in b.data]
+
+
+def test_plots_take_metric_functions() -> None:
+    from moe_routing import metrics
+    from moe_routing.plots._common import metric_frame
+
+    from ._synth import make_trace
+
+    trace = make_trace()
+    by_fn = metric_frame(trace, metrics.expert_load)
+    by_name = metric_frame(trace, "expert_load")
+    assert by_fn.equals(by_name)
+    assert metric_frame(trace, lambda t: metrics.expert_load(t, top1=True))["count"].sum() == trace.num_tokens * len(trace.layers)

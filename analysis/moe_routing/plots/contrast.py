@@ -72,7 +72,7 @@ def divergence_matrix_heatmap(
                 "a divergence matrix must be square with one name per row (or a frame with columns layer, a, b); "
                 f"got shape {values.shape}, {len(names)} names."
             )
-        shown_layers = [layer]
+        shown_layers: list[int | None] = [layer]  # type: ignore[no-redef]  # one matrix: no layer slider
         mats = [values]
     shown = label_names(names, label)
     zmax = max((float(np.nanmax(m)) for m in mats if np.isfinite(m).any()), default=1.0)
@@ -119,13 +119,18 @@ def divergence_over_depth(
     low: str | None = "ci_low",
     high: str | None = "ci_high",
     title: str | None = None,
+    y: str | None = None,
 ) -> go.Figure:
     """Lines of a divergence (or any per-layer value) over decoder layers, one per ``color`` group.
+
+    Roles as in every plot here: ``y`` (alias of ``value``) the column drawn, ``color`` the grouping,
+    ``low``/``high`` the interval columns.
 
     ``label`` (defaults to ``color``) decides how group values are named (language names for ``lang``);
     ``floor`` names a column of a chance level (dashed, same colour); ``low``/``high`` name CI columns, drawn as
     error bars when present.
     """
+    value = y or value
     require_columns(frame, ["layer", value, *[c for c in (color, floor) if c]], "divergence_over_depth")
     has_ci = bool(low and high and low in frame.columns and high in frame.columns)
     groups = [(None, frame)] if color is None else list(frame.groupby(color, sort=True))
@@ -175,14 +180,17 @@ def differential_usage(
     names: tuple[str, str] | None = None,
     label: str | None = None,
     title: str | None = None,
+    x: str | None = None,
 ) -> go.Figure:
     """Experts whose usage differs most between two conditions, with confidence-interval error bars.
 
     ``frame`` is a ``contrast`` frame: ``layer, expert, diff`` (share_a - share_b), ``ci_low, ci_high`` and,
     optionally, ``significant`` and the condition names ``a, b``. Per decoder layer the ``top_n`` experts by
     ``|diff|`` are horizontal bars (slider over layers): right = used more by a, left = more by b; bars whose
-    CI includes 0 are faded. ``names`` overrides (a, b); ``label="lang"`` shows language names.
+    CI includes 0 are faded. ``names`` overrides (a, b); ``label="lang"`` shows language names. Roles:
+    ``x`` (alias of ``value``: the bars are horizontal) and ``low``/``high``.
     """
+    value = x or value
     require_columns(frame, ["layer", "expert", value, low, high], "differential_usage")
     chosen = frame_layers(frame, layers)
     if names is None:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from .. import metrics as M
 from ..errors import MetricError, PlotError, PlotInputError, TraceError
 from ..trace import RoutingTrace
 from ._common import (
@@ -38,7 +39,7 @@ def _usage_frame(data: Any, label: str, top1: bool) -> pd.DataFrame:
     """A ``label_usage`` frame: ``<label>, layer, expert, count, share, lift`` (computed from a trace if needed)."""
     if isinstance(data, RoutingTrace):
         data.label(label)  # the trace's clear error for an unknown label
-    frame = metric_frame(data, "label_usage", label=label, top1=top1)
+    frame = metric_frame(data, M.label_usage, label=label, top1=top1)
     require_columns(frame, [label, "layer", "expert", "count", "share"], "label_usage_heatmap")
     return frame
 
@@ -237,7 +238,7 @@ def nmi_by_layer(
             raise PlotInputError("nmi_by_layer(trace, label): name the label(s) to compute label_nmi for.")
         names = [label] if isinstance(label, str) else list(label)
         nmi = pd.concat(
-            [metric_frame(nmi, "label_nmi", label=n).assign(label=n) for n in names], ignore_index=True
+            [metric_frame(nmi, M.label_nmi, label=n).assign(label=n) for n in names], ignore_index=True
         )
     require_columns(nmi, ["layer", "nmi", "floor"], "nmi_by_layer")
     if color is None and "label" in nmi.columns and nmi["label"].nunique() > 1:
@@ -327,7 +328,7 @@ def coactivation_heatmap(
             raise TraceError(f"pass layer= (a decoder-layer index{layers}).")
         if isinstance(matrix, RoutingTrace):
             matrix.layer_index(layer)
-        mat = np.asarray(metric_frame(matrix, "coactivation", layer=layer), dtype=np.float64)
+        mat = np.asarray(metric_frame(matrix, M.coactivation, layer=layer), dtype=np.float64)
     else:
         mat = np.asarray(matrix, dtype=np.float64)
     if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
