@@ -207,3 +207,22 @@ def test_plots_take_metric_functions() -> None:
     by_name = metric_frame(trace, "expert_load")
     assert by_fn.equals(by_name)
     assert metric_frame(trace, lambda t: metrics.expert_load(t, top1=True))["count"].sum() == trace.num_tokens * len(trace.layers)
+
+
+def test_many_lines_highlight_a_few() -> None:
+    from moe_routing.plots import divergence_over_depth
+    from moe_routing.plots.contrast import MAX_HIGHLIGHT
+
+    langs = ["en", "de", "fr", "es", "it", "pt", "nl", "pl", "cs", "ru", "uk", "el", "tr", "ja", "zh"]
+    frame = pd.DataFrame([{"layer": la, "lang": g, "d": 0.01 * i + 0.001 * la} for i, g in enumerate(langs)
+                          for la in (0, 1, 2)])
+    fig = divergence_over_depth(frame, y="d", color="lang", low=None, high=None)
+    shown = [t for t in fig.data if t.showlegend is not False]
+    assert len(fig.data) == len(langs) and len(shown) == MAX_HIGHLIGHT
+    assert {t.name for t in shown} == {"Turkish", "Japanese", "Chinese", "Greek", "Ukrainian"}  # highest means
+    assert [a.text for a in fig.layout.annotations] == [t.name for t in shown]  # labelled at their line ends
+    assert all(t.line.color == "#c8c8c8" for t in fig.data[: len(langs) - MAX_HIGHLIGHT])  # grey context first
+    chosen = divergence_over_depth(frame, y="d", color="lang", low=None, high=None, highlight=["en", "de"])
+    assert {t.name for t in chosen.data if t.showlegend is not False} == {"English", "German"}
+    few = divergence_over_depth(frame[frame["lang"].isin(langs[:4])], y="d", color="lang", low=None, high=None)
+    assert all(t.showlegend is not False for t in few.data) and not few.layout.annotations

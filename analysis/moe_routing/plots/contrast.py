@@ -109,6 +109,11 @@ def divergence_matrix_heatmap(
     return fig
 
 
+#: at most this many lines get their own colour in ``divergence_over_depth``; beyond, the highest are highlighted
+MAX_COLOURED = 10
+MAX_HIGHLIGHT = 5
+
+
 def divergence_over_depth(
     frame: pd.DataFrame,
     *,
@@ -120,8 +125,13 @@ def divergence_over_depth(
     high: str | None = "ci_high",
     title: str | None = None,
     y: str | None = None,
+    highlight: Sequence[Any] | int | None = None,
 ) -> go.Figure:
     """Lines of a divergence (or any per-layer value) over decoder layers, one per ``color`` group.
+
+    Many groups do not fit one palette: with more than ``MAX_COLOURED`` groups (or ``highlight`` given: group
+    values, or a number n = the n groups with the highest mean) only the highlighted lines get colours, a legend
+    entry and a label at their end; the others are thin grey lines (hover names them).
 
     Roles as in every plot here: ``y`` (alias of ``value``) the column drawn, ``color`` the grouping,
     ``low``/``high`` the interval columns.
@@ -136,10 +146,29 @@ def divergence_over_depth(
     groups = [(None, frame)] if color is None else list(frame.groupby(color, sort=True))
     shown = label_names([g for g, _ in groups], label or color) if color else [value]
     palette = colorway()
+    keys = [g for g, _ in groups]
+    if isinstance(highlight, int) or (highlight is None and len(groups) > MAX_COLOURED):
+        n_top = MAX_HIGHLIGHT if highlight is None else int(highlight)
+        means = {g: float(np.nanmean(sub[value])) for g, sub in groups}
+        hot = set(sorted(keys, key=lambda g: -means[g] if np.isfinite(means[g]) else np.inf)[:n_top])
+    else:
+        hot = set(keys) if highlight is None else {g for g in keys if g in set(highlight) or str(g) in
+                                                  {str(h) for h in highlight}}
+    rank = {g: i for i, g in enumerate([g for g in keys if g in hot])}
     fig = go.Figure()
-    for g, ((_, sub), name) in enumerate(zip(groups, shown, strict=True)):
+    order = sorted(zip(groups, shown, strict=True), key=lambda item: item[0][0] in hot)  # grey lines first
+    for (key, sub), name in order:
         sub = sub.sort_values("layer")
-        c = palette[g % len(palette)]
+        if key not in hot:  # context: thin grey, no legend entry, drawn first
+            fig.add_trace(go.Scatter(
+                x=sub["layer"], y=sub[value], mode="lines", name=name, showlegend=False,
+                line={"color": "#c8c8c8", "width": 1}, opacity=0.8,
+                hovertemplate=f"decoder layer %{{x}}<br>{value} %{{y:.4f}}<extra>{name}</extra>"))
+            continue
+        c = palette[rank[key] % len(palette)]
+        if len(hot) < len(keys) and len(sub):
+            fig.add_annotation(x=sub["layer"].iloc[-1], y=sub[value].iloc[-1], text=name, showarrow=False,
+                               xanchor="left", xshift=6, font={"color": c, "size": 12})
         err = None
         if has_ci:
             err = {"type": "data", "symmetric": False, "array": (sub[high] - sub[value]).clip(lower=0).to_numpy(),
