@@ -465,7 +465,7 @@ say("At a capacity factor of 1.25 the router would lose", " and ".join(
 # %% [markdown]
 # ### Exercise: the capacity factor
 #
-# **Predict**: with a capacity factor of 1.0 (each expert takes at most its fair share) and of 2.0, does the
+# **Predict**: with a capacity factor of 1 (each expert takes at most its fair share) and of 2, does the
 # dropped share go up or down compared with 1.25, and which run (with or without the balancing loss) drops
 # more? Then write the cell that computes it for the final models of seed `SEED` (use `dropped` above).
 #
@@ -476,7 +476,7 @@ say("At a capacity factor of 1.25 the router would lose", " and ".join(
 #
 # ```python
 # pd.DataFrame({f: {RUN_NAMES[r]: dropped(watched[r, STEPS][0], f) for r in ("aux", "no-aux")}
-#               for f in (1.0, 1.25, 2.0)}).rename_axis(columns="capacity factor")
+#               for f in (1, 1.25, 2)}).rename_axis(columns="capacity factor")
 # ```
 # </details>
 
@@ -502,7 +502,8 @@ say("At a capacity factor of 1.25 the router would lose", " and ".join(
 #
 # With renormalisation the single weight is p / p, exactly 1 whatever the logits are, so its derivative
 # with respect to the router logits is zero: the language-model loss sends the router no gradient at all
-# (the printed norm is 0), and only the auxiliary loss trains it. Without renormalisation the weight is p,
+# (the printed norm is zero up to floating-point rounding, orders of magnitude below the others), and only the
+# auxiliary loss trains it. Without renormalisation the weight is p,
 # which depends on the logits, so the gradient is non-zero. Switch Transformer (k = 1) uses the raw
 # probability as the weight for this reason. With k = 2 the two renormalised weights p1 / (p1 + p2) and
 # p2 / (p1 + p2) still depend on the logits, so renormalisation is harmless there.
@@ -527,8 +528,10 @@ grad_table
 g = grad_table.set_index(["k", "norm_topk_prob"])["router gradient norm (LM loss only)"]
 say(f"k = 1 with renormalisation: router gradient norm {g[1, True]:.3g}; without: {g[1, False]:.3g};",
     f"k = 2 with renormalisation: {g[2, True]:.3g}.",
-    "As predicted by the solution, the renormalised k = 1 router learns nothing from the language-model loss."
-    if g[1, True] == 0 and g[1, False] > 0 else "This differs from the solution's reasoning: look at the router code.")
+    f"The renormalised k = 1 router's gradient is {g[1, False] / max(g[1, True], 1e-300):.1e} times smaller than"
+    " without renormalisation: rounding error only, so it learns nothing from the language-model loss, as the"
+    " solution says." if g[1, True] < 1e-4 * g[1, False] else
+    "This differs from the solution's reasoning: look at the router code.")
 
 # %% [markdown]
 # The top-k runs below keep Qwen3's renormalisation, so their k = 1 router is trained by the auxiliary loss
