@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 MODEL ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install chromium test lint demo report bench clean-demo
+.PHONY: install chromium test lint demo report bench clean-demo lab
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: install chromium
 
 report: install chromium
 	$(BIN)/python -m moe_routing report
+
+# JupyterLab on notebooks/: .py notebooks open as notebooks (jupytext), project kernel preselected (jupyter/)
+lab: install
+	$(BIN)/python -m moe_routing lab
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

@@ -27,7 +27,7 @@
 # %% tags=["parameters"]
 MODEL = "demo"  # whose tokenizer and corpus to use ("demo": 4096 tokens, keeps the runs fast)
 RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); checkpoints are saved under RUNS/teaching/<run>/step-NNNN
-STEPS = 150  # optimiser steps per run
+STEPS = 100  # optimiser steps per run
 SEED = 0  # the watched run's seed: same initial weights and batches for every setting
 N_SEEDS = 3  # the comparisons (aux loss on/off, top-k) are repeated with seeds SEED, SEED+1, ...
 CI = 0.95  # confidence level of the intervals over seeds (Student t)
@@ -35,8 +35,8 @@ SPEARMAN_MIN = 0.8  # check: saturation must rise with the checkpoint step at le
 LR = 5e-3  # peak learning rate (AdamW, 10 warm-up steps, cosine decay to 10%)
 AUX_COEF = 0.01  # load-balancing loss coefficient of the main run (Switch Transformer's value)
 TOP_KS = [1, 2, 4]  # experts per token compared in the last section
-CHECKPOINTS = [0, 10, 20, 30, 45, 60, 80, 100, 125]  # steps saved besides the final one
-BATCH, SEQ_LEN = 16, 64  # sequences per step x tokens per sequence
+CHECKPOINTS = [0, 5, 10, 20, 30, 45, 60, 80]  # steps saved besides the final one
+BATCH, SEQ_LEN = 12, 64  # sequences per step x tokens per sequence
 EVAL_PER_LANG = 24  # held-out sentences per language to watch routing on
 
 # %% [markdown]
@@ -71,10 +71,8 @@ EVAL_PER_LANG = 24  # held-out sentences per language to watch routing on
 # %%
 import math
 import time
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -119,8 +117,9 @@ mp.use_theme()
 transformers.utils.logging.disable_progress_bar()  # no bar for each checkpoint saved or loaded
 mr_runs = Path(RUNS)
 torch.set_num_threads(1)  # one thread: the same numbers on every machine load (2 threads change the sums' order)
-started = time.perf_counter()
-tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
+started, cpu_started = time.perf_counter(), time.process_time()
+# the demo's tokenizer alone (cached, or its BPE trained in seconds): no demo model is trained for it
+tokenizer = demo.demo_tokenizer() if MODEL == "demo" else AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
 eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
 # training data: every training text followed by end-of-text, concatenated into one stream of token ids
@@ -148,8 +147,10 @@ TINY = dict(
 )
 
 
-def make_model(k: int, aux_coef: float, seed: int = SEED) -> torch.nn.Module:
-    config = AutoConfig.for_model("qwen3_moe", **TINY, num_experts_per_tok=k, router_aux_loss_coef=aux_coef,
+def make_model(k: int, aux_coef: float, seed: int = SEED, **overrides) -> torch.nn.Module:
+    """A fresh tiny Qwen3-MoE with k experts per token (``overrides``: other config fields)."""
+    config = AutoConfig.for_model("qwen3_moe", **{**TINY, **overrides}, num_experts_per_tok=k,
+                                  router_aux_loss_coef=aux_coef,
                                   output_router_logits=True)  # the aux loss needs the router logits
     config._experts_implementation = demo.EXPERTS_IMPLEMENTATION  # the fastest experts kernel on CPU
     torch.manual_seed(seed)
@@ -184,7 +185,7 @@ def train(name: str, *, k: int = 2, aux_coef: float = AUX_COEF, steps: int = STE
     for step in range(steps + 1):
         if step in checkpoints or step == steps:
             path = mr_runs / "teaching" / name / f"step-{step:04d}"
-            demo._save(model, tokenizer, path)  # save_pretrained of the model and the tokenizer
+            demo.save_checkpoint(model, tokenizer, path)  # save_pretrained of the model and the tokenizer
             saved[step] = str(path)
         if step == steps:
             break
@@ -209,7 +210,7 @@ def watch_routing(path: str) -> tuple[mr.RoutingTrace, float]:
     """Load a checkpoint, run the watch set through it inside mr.capture: (routing trace, held-out loss)."""
     model, _ = mr.load_model(path)
     with torch.inference_mode(), mr.capture(model) as rec:
-        loss = demo._mean_loss(model, watch, pad)  # the same batches in the same order every time
+        loss = demo.mean_loss(model, watch, pad)  # the same batches in the same order every time
     return rec.trace(), loss
 
 
@@ -233,6 +234,19 @@ def watch_routing(path: str) -> tuple[mr.RoutingTrace, float]:
 # Qwen3 0.001). For each seed we train the same model from the same initial weights on the same batches
 # twice: once with the coefficient `AUX_COEF`, once with 0. The first seed's runs save checkpoints, which the
 # next sections watch.
+#
+# ### Exercise: predict before training
+#
+# **Predict** before running the next cell: which run will end with the lower language-model loss, and
+# which one with the more uneven expert loads? Write your guesses down; the sentences printed under the
+# figures below and the table of the final models answer both.
+#
+# <details><summary>Hint (click to open)</summary>
+#
+# The balancing loss is a second objective: it can only cost language-model loss on the training batches
+# (or leave it unchanged), but a router with more experts in use may generalise better to held-out text.
+# Compare the training loss in the next figure with the held-out loss in the table further down.
+# </details>
 
 # %%
 seeds = [SEED + i for i in range(N_SEEDS)]
@@ -449,16 +463,79 @@ say("At a capacity factor of 1.25 the router would lose", " and ".join(
     f"{d:.0%} of its slots ({r})" for r, d in drop.items()) + f", mean over {len(seeds)} seeds.")
 
 # %% [markdown]
+# ### Exercise: the capacity factor
+#
+# **Predict**: with a capacity factor of 1 (each expert takes at most its fair share) and of 2, does the
+# dropped share go up or down compared with 1.25, and which run (with or without the balancing loss) drops
+# more? Then write the cell that computes it for the final models of seed `SEED` (use `dropped` above).
+#
+# <details><summary>Solution (click to open)</summary>
+#
+# A smaller factor drops more, a larger one less (at a factor of E / k = 4 nothing can overflow), and the
+# less balanced run drops more at every factor, because its busiest experts overflow first:
+#
+# ```python
+# pd.DataFrame({f: {RUN_NAMES[r]: dropped(watched[r, STEPS][0], f) for r in ("aux", "no-aux")}
+#               for f in (1, 1.25, 2)}).rename_axis(columns="capacity factor")
+# ```
+# </details>
+
+# %%
+# your answer here (the solution is hidden above)
+
+# %% [markdown]
 # ## How many experts per token? top-k = 1, 2, 4
 #
 # k trades compute for capacity: each token runs k experts. We train the same model with each k of `TOP_KS`
 # (the k = 2 runs are the ones above), for every seed, and compare held-out loss and balance after the same
 # number of steps.
 #
-# One trap, visible in the numbers: Qwen3 renormalises the chosen experts' weights to sum to 1
-# (`norm_topk_prob=True`). With k = 1 the single weight is then always exactly 1, so the language-model loss
-# sends the router no gradient at all, and only the auxiliary loss trains it. Switch Transformer (k = 1)
-# uses the raw probability as the weight for this reason.
+# ### Exercise: k = 1 with and without renormalisation
+#
+# Qwen3 renormalises the chosen experts' weights to sum to 1 (`norm_topk_prob=True`). **Predict** before
+# running the next cell: with k = 1 and renormalisation, how large is the gradient that the language-model
+# loss alone (no auxiliary loss) sends to the router's weights? And with k = 1 and *no* renormalisation
+# (`norm_topk_prob=False`, the weight is the router's probability itself)? Then run the cell: it does one
+# forward and backward pass of each setting on the same batch and prints the router gradient's norm.
+#
+# <details><summary>Solution (click to open)</summary>
+#
+# With renormalisation the single weight is p / p, exactly 1 whatever the logits are, so its derivative
+# with respect to the router logits is zero: the language-model loss sends the router no gradient at all
+# (the printed norm is zero up to floating-point rounding, orders of magnitude below the others), and only the
+# auxiliary loss trains it. Without renormalisation the weight is p,
+# which depends on the logits, so the gradient is non-zero. Switch Transformer (k = 1) uses the raw
+# probability as the weight for this reason. With k = 2 the two renormalised weights p1 / (p1 + p2) and
+# p2 / (p1 + p2) still depend on the logits, so renormalisation is harmless there.
+# </details>
+
+# %%
+def router_grad_norm(k: int, norm_topk_prob: bool) -> float:
+    """Norm of d(LM loss)/d(router weights), summed over layers, for one batch of the stream (no aux loss)."""
+    m = make_model(k, aux_coef=0.0, norm_topk_prob=norm_topk_prob)
+    ids = torch.as_tensor(np.stack([stream[s:s + SEQ_LEN] for s in np.random.default_rng(SEED).integers(
+        0, len(stream) - SEQ_LEN, size=BATCH)]))
+    m(input_ids=ids, labels=ids).loss.backward()  # aux_coef = 0: the language-model loss alone
+    grads = [p.grad for n, p in m.named_parameters() if n.endswith("mlp.gate.weight")]
+    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+
+
+grad_table = pd.DataFrame([{"k": k, "norm_topk_prob": norm, "router gradient norm (LM loss only)":
+                            router_grad_norm(k, norm)} for k, norm in ((1, True), (1, False), (2, True))])
+grad_table
+
+# %%
+g = grad_table.set_index(["k", "norm_topk_prob"])["router gradient norm (LM loss only)"]
+say(f"k = 1 with renormalisation: router gradient norm {g[1, True]:.3g}; without: {g[1, False]:.3g};",
+    f"k = 2 with renormalisation: {g[2, True]:.3g}.",
+    f"The renormalised k = 1 router's gradient is {g[1, False] / max(g[1, True], 1e-300):.1e} times smaller than"
+    " without renormalisation: rounding error only, so it learns nothing from the language-model loss, as the"
+    " solution says." if g[1, True] < 1e-4 * g[1, False] else
+    "This differs from the solution's reasoning: look at the router code.")
+
+# %% [markdown]
+# The top-k runs below keep Qwen3's renormalisation, so their k = 1 router is trained by the auxiliary loss
+# alone.
 
 # %%
 results = []
@@ -520,4 +597,4 @@ print(f"saturation: {first:.2f} at step {per_step.index[0]} -> {last:.2f} at ste
       f"{fmt_ci(cv_gap, '.2f')} > 3 x {noise:.3f}; per seed: "
       + ", ".join(f"{s}: {g:.2f}" for s, g in (diff[("last-layer CV", RUN_NAMES["no-aux"])]
                                                - diff[("last-layer CV", RUN_NAMES["aux"])]).items()))
-print(f"notebook ran in {time.perf_counter() - started:.0f} s")
+print(f"notebook ran in {time.perf_counter() - started:.0f} s (this process used {time.process_time() - cpu_started:.0f} s of CPU)")

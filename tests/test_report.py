@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -45,8 +46,14 @@ words = (["The", " router", " sends", " each", " token", " to", " two", " of", "
          * n_docs)
 print("label:", label, "tokens:", trace.num_tokens)
 
+# %% [markdown]
+# ## Tokens and their experts
+
 # %%
 mp.token_expert_text(trace, doc_id=0, tokens=words)
+
+# %% [markdown]
+# ## Load per expert
 
 # %%
 counts = np.stack([np.bincount(trace.expert_ids[:, i].ravel(), minlength=experts) for i in range(3)])
@@ -79,7 +86,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (nbdir / "01_glance.py").write_text(textwrap.dedent(NB_OK).lstrip())
     (nbdir / "02_broken.py").write_text(textwrap.dedent(NB_FAIL).lstrip())
     (nbdir / "helper.py").write_text("x = 1\n")  # not a NN_ notebook: ignored
-    index = report.build_report(nbdir, root / "report", parameters={"n_docs": 3, "label": "from-test"})
+    runs = root / "runs"
+    runs.mkdir()
+    (runs / "demo" / "heldout").mkdir(parents=True)
+    (runs / "demo" / "heldout" / "manifest.json").write_text(json.dumps({
+        "model_name": "tiny-qwen", "model": {"name": "tiny-qwen", "model_type": "qwen3_moe", "dtype": "float32"},
+        "settings": {"device": "cpu"}, "tokens": 1234, "complete": True}))
+    index = report.build_report(nbdir, root / "report", parameters={
+        "n_docs": 3, "label": "from-test", "MODEL": "tiny-qwen", "RUNS": str(runs), "CORPUS": "flores",
+        "PART": "heldout", "DTYPE": "auto", "CORPUS_FALLBACK": "FLORES+ is gated"})
     return index
 
 
@@ -105,10 +120,50 @@ def test_parameters_injected_and_outputs_kept(built: Path) -> None:
     )
     assert "label: from-test tokens: 36" in stream
     page = (built.parent / "01_glance.html").read_text()
-    assert page.count("* plotly.js v") == 1  # plotly.js once per page, inline (works offline)
+    assert "* plotly.js v" not in page  # plotly.js once for the whole report, as a file next to the pages
+    assert page.count(f'src="{report.PLOTLYJS_FILE}"') == 1
+    assert (built.parent / report.PLOTLYJS_FILE).read_text().count("* plotly.js v") == 1
     assert page.count('class="plotly-graph-div"') == 3
     assert "require.min.js" not in page
     assert "data:image/png;base64" in page  # the matplotlib figure
+
+
+def test_navigation_contents_and_failure_on_pages(built: Path) -> None:
+    out = built.parent
+    first, second = (out / "01_glance.html").read_text(), (out / "02_broken.html").read_text()
+    for page in (first, second):
+        assert page.count('href="index.html" rel="index"') == 2  # top and bottom bars
+    assert 'href="02_broken.html" rel="next"' in first and 'rel="prev"' not in first
+    assert 'href="01_glance.html" rel="prev"' in second and 'rel="next"' not in second
+    toc = re.search(r'<div class="mr-toc">(.*?)</div>', first, re.S).group(1)
+    targets = re.findall(r'href="#([^"]+)"', toc)
+    assert len(targets) == 2 and all(f'id="{t}"' in first for t in targets)
+    assert "Tokens and their experts" in toc and "Load per expert" in toc
+    assert "This notebook failed" in second and "this notebook fails on purpose" in second
+    assert "This notebook failed" not in first
+    report.add_navigation(out, [report.NotebookResult(**r) for r in json.loads((out / "report.json").read_text())],
+                          json.loads((out / "run.json").read_text()))
+    assert (out / "01_glance.html").read_text() == first  # idempotent
+
+
+def test_index_says_what_produced_it_and_what_failed(built: Path) -> None:
+    text = built.read_text()
+    produced = re.search(r'<div class="meta produced">(.*?)</div>', text, re.S).group(1)
+    assert "<code>tiny-qwen</code>" in produced and "flores (heldout)" in produced
+    assert "float32 (auto)" in produced  # the dtype the trace's manifest records for --dtype auto
+    assert "corpus fallback" in produced and "FLORES+ is gated" in produced
+    assert "<code>demo/heldout</code>" in text and "qwen3_moe" in text
+    assert "1 of 2 notebooks failed" in text and 'href="02_broken.html">02_broken</a>' in text
+    assert 'href="01_glance.html#Load-per-expert"' in text  # sections listed under each notebook
+    facts = json.loads((built.parent / "run.json").read_text())
+    assert facts["traces"][0]["tokens"] == 1234
+
+
+def test_report_size_shares_plotlyjs(built: Path) -> None:
+    """plotly.js is stored once: the pages together are far smaller than one inline copy per page."""
+    js = (built.parent / report.PLOTLYJS_FILE).stat().st_size
+    pages = [p.stat().st_size for p in built.parent.glob("*.html") if p.name != "index.html"]
+    assert js > 1_000_000 and all(size < js / 4 for size in pages)
 
 
 def test_find_notebooks_only() -> None:

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from . import metrics
 from .adapters import ADAPTERS, Adapter, supported_families
+from .atlas import atlas
 from .capture import Recorder, capture
 from .errors import (
     CaptureError,
@@ -60,6 +61,7 @@ __all__ = [
     "TraceReader",
     "UnsupportedModelError",
     "__version__",
+    "atlas",
     "capture",
     "capture_corpus",
     "intervene",

@@ -171,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(r)
     r.set_defaults(func=_cmd_report)
+
+    from .atlas import add_arguments as atlas_arguments  # the expert atlas (static HTML)
+
+    atlas_arguments(sub.add_parser("atlas", help="static offline HTML atlas: one page per (layer, expert)"))
+    lb = sub.add_parser("lab", help="JupyterLab on the notebooks (.py files open as notebooks)")
+    lb.add_argument("--notebooks", default=None, help="notebook folder (default: the project's notebooks/)")
+    lb.add_argument("extra", nargs=argparse.REMAINDER, help="options passed on to jupyter lab")
+    from .lab import run as lab_run
+
+    lb.set_defaults(func=lab_run)
     return p
 
 

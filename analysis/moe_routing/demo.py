@@ -524,3 +524,32 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------- public helpers
+# (for the teaching notebook and other training loops; appended, the private names above stay)
+def save_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` of ``model`` (safetensors, without the training-time ``output_router_logits``) and
+    ``tokenizer`` into ``path``; the path."""
+    path = Path(path)
+    _save(model, tokenizer, path)
+    return path
+
+
+def mean_loss(model, seqs: list[list[int]], pad_id: int) -> float:
+    """Mean next-token cross-entropy (nats per predicted token) over token-id sequences ``seqs``, padding
+    excluded; the same length-bucketed batches in the same order on every call."""
+    return _mean_loss(model, seqs, pad_id)
+
+
+def demo_tokenizer(*, seed: int = 0):
+    """The demo's tokenizer without training the demo model: the cached one when the demo model exists, else
+    the same BPE trained on the demo's training texts (seconds)."""
+    root = demo_cache_dir()
+    if _complete(root):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(root / "trained")
+    from .corpora import load_corpus
+
+    return train_tokenizer(load_corpus("demo", split="train", seed=seed)["text"].tolist())

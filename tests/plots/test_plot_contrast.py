@@ -179,3 +179,50 @@ def test_usage_difference_heatmap_is_centred_on_zero() -> None:
     z = np.asarray(heat.z)
     np.testing.assert_allclose(z, df.pivot(index="layer", columns="expert", values="diff").to_numpy())
     assert heat.zmid == 0 and heat.zmin == -heat.zmax
+
+
+def test_role_names_are_aliases_of_the_old_keywords() -> None:
+    """x / y / color / low / high mean the same in every plot; the older keywords keep working."""
+    from moe_routing.plots import differential_usage, divergence_over_depth, divergence_to_reference
+
+    depth = pd.DataFrame({"layer": [1, 3, 1, 3], "g": ["en", "en", "de", "de"], "js": [0.1, 0.2, 0.3, 0.4]})
+    old = divergence_over_depth(depth, value="js", color="g", low=None, high=None)
+    new = divergence_over_depth(depth, y="js", color="g", low=None, high=None)
+    assert [list(t.y) for t in old.data] == [list(t.y) for t in new.data]
+    ref = divergence_to_reference(depth.rename(columns={"g": "lang"}), y="js", color="lang", reference="en")
+    assert [t.name for t in ref.data] == ["German"]
+    diff = pd.DataFrame({"layer": 1, "expert": [0, 1], "d": [0.2, -0.1], "ci_low": [0.1, -0.2], "ci_high": [0.3, 0.0]})
+    a, b = differential_usage(diff, value="d"), differential_usage(diff, x="d")
+    assert [list(t.x) for t in a.data] == [list(t.x) for t in b.data]
+
+
+def test_plots_take_metric_functions() -> None:
+    from moe_routing import metrics
+    from moe_routing.plots._common import metric_frame
+
+    from ._synth import make_trace
+
+    trace = make_trace()
+    by_fn = metric_frame(trace, metrics.expert_load)
+    by_name = metric_frame(trace, "expert_load")
+    assert by_fn.equals(by_name)
+    assert metric_frame(trace, lambda t: metrics.expert_load(t, top1=True))["count"].sum() == trace.num_tokens * len(trace.layers)
+
+
+def test_many_lines_highlight_a_few() -> None:
+    from moe_routing.plots import divergence_over_depth
+    from moe_routing.plots.contrast import MAX_HIGHLIGHT
+
+    langs = ["en", "de", "fr", "es", "it", "pt", "nl", "pl", "cs", "ru", "uk", "el", "tr", "ja", "zh"]
+    frame = pd.DataFrame([{"layer": la, "lang": g, "d": 0.01 * i + 0.001 * la} for i, g in enumerate(langs)
+                          for la in (0, 1, 2)])
+    fig = divergence_over_depth(frame, y="d", color="lang", low=None, high=None)
+    shown = [t for t in fig.data if t.showlegend is not False]
+    assert len(fig.data) == len(langs) and len(shown) == MAX_HIGHLIGHT
+    assert {t.name for t in shown} == {"Turkish", "Japanese", "Chinese", "Greek", "Ukrainian"}  # highest means
+    assert [a.text for a in fig.layout.annotations] == [t.name for t in shown]  # labelled at their line ends
+    assert all(t.line.color == "#c8c8c8" for t in fig.data[: len(langs) - MAX_HIGHLIGHT])  # grey context first
+    chosen = divergence_over_depth(frame, y="d", color="lang", low=None, high=None, highlight=["en", "de"])
+    assert {t.name for t in chosen.data if t.showlegend is not False} == {"English", "German"}
+    few = divergence_over_depth(frame[frame["lang"].isin(langs[:4])], y="d", color="lang", low=None, high=None)
+    assert all(t.showlegend is not False for t in few.data) and not few.layout.annotations

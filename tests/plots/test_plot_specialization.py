@@ -51,10 +51,30 @@ def test_usage_heatmap_slider_and_language_names(trace: RoutingTrace) -> None:
 def test_lift_shows_the_planted_preference(trace: RoutingTrace) -> None:
     fig = language_usage_heatmap(trace, languages=["fr", "de"])
     assert list(fig.data[0].y) == ["French", "German"]
+    lift = np.asarray(fig.data[0].customdata)[..., 1]  # the lift itself (hover); colour is log2(lift)
+    assert lift[0, 0] > 1.5  # French was pushed to expert 0
+    assert lift[1, NUM_EXPERTS // 2 :].mean() > 1.0 > lift[1, : NUM_EXPERTS // 2].mean()  # German: upper half
     z = np.asarray(fig.data[0].z)
-    assert z[0, 0] > 1.5  # French was pushed to expert 0
-    assert z[1, NUM_EXPERTS // 2 :].mean() > 1.0 > z[1, : NUM_EXPERTS // 2].mean()  # German: upper half
-    assert fig.layout.coloraxis.cmid == 1.0
+    np.testing.assert_allclose(z, np.clip(np.log2(lift), fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax))
+    ax = fig.layout.coloraxis
+    assert ax.cmid == 0.0 and ax.cmin == -ax.cmax  # log scale centred at lift 1: 2 and 1/2 equally strong
+    assert dict(zip(ax.colorbar.tickvals, ax.colorbar.ticktext, strict=True))[0.0] == "1"
+
+
+def test_lift_masks_cells_with_too_few_slots(trace: RoutingTrace) -> None:
+    frame = label_usage(trace, "lang")
+    fig = language_usage_heatmap(frame, min_count=10)
+    _, _, counts = usage_matrices(frame, "lang", [1], "count")
+    z = np.asarray(fig.data[0].z, dtype=float)
+    totals = counts[0].sum(axis=1, keepdims=True)
+    expected = totals * counts[0].sum(axis=0) / counts[0].sum()
+    few = (counts[0] < 10) & (expected < 10)
+    assert few.any() and (~few).any()
+    assert np.isnan(z[few]).all() and np.isfinite(z[~few]).all()
+    assert "grey: fewer than 10 slots" in fig.layout.title.text and fig.layout.plot_bgcolor == "#d0d0d0"
+    flagged = frame.assign(too_few=frame["count"] < 3)  # a metric's own too_few column is honoured too
+    z2 = np.asarray(language_usage_heatmap(flagged).data[0].z, dtype=float)
+    assert np.isnan(z2).sum() == int(flagged[flagged["layer"] == 1]["too_few"].sum())
 
 
 def test_usage_errors(trace: RoutingTrace) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -55,8 +57,10 @@ def test_tokenizer_decodes_ids(tokenizer) -> None:
     )
     fig = token_expert_text(tr, tokenizer=tokenizer)
     shown = "".join(fig.data[0].text).replace("\u00a0", " ")
-    assert shown == "The quick brown fox jumps over the lazy dog."
     pieces = [tokenizer.decode([i]) for i in ids]
+    # whitespace-only tokens are drawn as middle dots (visible boxes), every other piece as itself
+    assert shown == "".join("·" * len(p) if p and not p.strip(" ") else p for p in pieces)
+    assert shown.replace("·", " ") == "The quick brown fox jumps over the lazy dog."
     for piece, hover in zip(pieces, fig.data[0].hovertext, strict=True):
         assert hover.startswith("token: " + piece.replace(" ", "␣") + "<br>")
 
@@ -122,3 +126,46 @@ def test_router_heatmap_without_logits_uses_sparse_weights() -> None:
     np.testing.assert_allclose(z.sum(axis=1), 1.0, rtol=1e-6)
     probs, dense = router_probabilities(tr, 1)
     assert not dense and probs.shape == (tr.num_tokens, tr.num_experts)
+
+
+def test_byte_fallback_pieces_merge_into_their_characters(tokenizer) -> None:
+    from moe_routing.plots.tokens import merge_partial_tokens
+
+    text = "敏捷的棕色狐狸跳过了懒狗。"
+    ids = tokenizer(text)["input_ids"]
+    alone = [tokenizer.decode([i]) for i in ids]
+    assert sum("\ufffd" in p for p in alone) > 0  # the tiny tokenizer splits characters into byte pieces
+    groups = merge_partial_tokens(ids, tokenizer)
+    assert [a for a, _, _ in groups] == sorted(a for a, _, _ in groups) and groups[-1][1] == len(ids)
+    n = len(ids)
+    tr = RoutingTrace.from_arrays(np.arange(n, dtype=np.int16).reshape(n, 1, 1) % 4, np.ones((n, 1, 1)),
+                                  layers=[0], num_experts=4, token_ids=ids)
+    fig = token_expert_text(tr, tokenizer=tokenizer)
+    boxes = list(fig.data[0].text)
+    assert len(boxes) == len(groups) < n
+    assert "".join(boxes) == text and not any("\ufffd" in b or "⟨" in b for b in boxes)
+    merged = next(t for t, (a, b, _) in enumerate(groups) if b - a > 1)
+    a, b, _ = groups[merged]
+    assert f"{b - a} byte pieces, first choices " + ", ".join(str(j % 4) for j in range(a, b)) in \
+        fig.data[0].hovertext[merged]
+
+
+def test_colour_key_names_every_expert(trace: RoutingTrace, texts: list[str]) -> None:
+    from moe_routing.plots import expert_color
+
+    fig = token_expert_text(trace, doc_id=0, tokens=texts)
+    keys = [a for a in fig.layout.annotations if a.bgcolor]
+    assert [a.text for a in keys] == [f"<b>{e}</b>" for e in range(trace.num_experts)]
+    assert [a.bgcolor for a in keys] == [expert_color(e, trace.num_experts) for e in range(trace.num_experts)]
+    assert not token_expert_text(trace, doc_id=0, tokens=texts, show_key=False).layout.annotations
+
+
+def test_neighbouring_experts_differ_in_hue() -> None:
+    import colorsys
+
+    from moe_routing.plots import expert_colors
+
+    for n in (12, 16, 20):
+        hues = [colorsys.rgb_to_hls(*(int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)))[0] for c in expert_colors(n)]
+        for a, b in itertools.pairwise(hues):
+            assert min(abs(a - b), 1 - abs(a - b)) > 0.02, (n, a, b)

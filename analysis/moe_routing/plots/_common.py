@@ -249,20 +249,25 @@ def is_trace_source(obj: Any) -> bool:
     return isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(x, RoutingTrace) for x in obj)
 
 
-def metric_frame(obj: Any, metric: str, **kwargs: Any) -> Any:
-    """``obj`` itself if it is a frame; otherwise ``moe_routing.metrics.<metric>(obj, **kwargs)``.
+def metric_frame(obj: Any, metric: str | Callable[..., Any], **kwargs: Any) -> Any:
+    """``obj`` itself if it is a frame; otherwise ``metric(obj, **kwargs)``.
 
-    ``obj`` may then be anything the metrics accept: a ``RoutingTrace``, a trace directory, a list of chunks.
+    ``metric`` is a function of :mod:`moe_routing.metrics` (or any function from a trace source to the frame
+    the plot reads; a name of a ``moe_routing.metrics`` function still works). ``obj`` may then be anything
+    the metrics accept: a ``RoutingTrace``, a trace directory, a list of chunks.
     """
     if isinstance(obj, pd.DataFrame):
         return obj
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
     if obj is None:
-        raise PlotInputError(f"expected a RoutingTrace, a trace directory or a {metric}() frame, got None.")
-    from .. import metrics
+        raise PlotInputError(f"expected a RoutingTrace, a trace directory or a {name}() frame, got None.")
+    fn: Any = metric
+    if isinstance(metric, str):
+        from .. import metrics
 
-    fn = getattr(metrics, metric, None)
-    if fn is None:
-        raise MetricError(f"moe_routing.metrics has no {metric}(); pass the metric frame instead.")
+        fn = getattr(metrics, metric, None)
+        if fn is None:
+            raise MetricError(f"moe_routing.metrics has no {metric}(); pass the metric frame instead.")
     return fn(obj, **kwargs)
 
 

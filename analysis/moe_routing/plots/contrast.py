@@ -72,7 +72,7 @@ def divergence_matrix_heatmap(
                 "a divergence matrix must be square with one name per row (or a frame with columns layer, a, b); "
                 f"got shape {values.shape}, {len(names)} names."
             )
-        shown_layers = [layer]
+        shown_layers: list[int | None] = [layer]  # type: ignore[no-redef]  # one matrix: no layer slider
         mats = [values]
     shown = label_names(names, label)
     zmax = max((float(np.nanmax(m)) for m in mats if np.isfinite(m).any()), default=1.0)
@@ -86,7 +86,10 @@ def divergence_matrix_heatmap(
                 + (f"layer {la}" if la is not None else "") + "</extra>",
             )
         )  # fmt: skip
-    side = int(max(420, 34 * len(shown) + 200))
+    # cells shrink with many groups so the matrix and its colour bar fit a 1000 px page; no fixed width: the
+    # figure fills its container (square cells kept by scaleanchor)
+    cell = float(np.clip(600 / max(len(shown), 1), 14, 34))
+    side = int(max(420, cell * len(shown) + 200))
     single = len(shown_layers) == 1
     where = f" · decoder layer {shown_layers[0]}" if single and shown_layers[0] is not None else ""
     fig.update_layout(
@@ -100,10 +103,15 @@ def divergence_matrix_heatmap(
         xaxis={**category_axis(shown), "tickangle": -45 if len(shown) > 6 else 0, "scaleanchor": "y"},
         yaxis={**category_axis(shown), "autorange": "reversed"},
         sliders=[] if single else [layer_slider(shown_layers, pad={"t": 40 + (50 if len(shown) > 6 else 0)})],
-        width=side + 160,
         height=side + (0 if single else 90),
+        margin={"r": 20},
     )
     return fig
+
+
+#: at most this many lines get their own colour in ``divergence_over_depth``; beyond, the highest are highlighted
+MAX_COLOURED = 10
+MAX_HIGHLIGHT = 5
 
 
 def divergence_over_depth(
@@ -116,22 +124,51 @@ def divergence_over_depth(
     low: str | None = "ci_low",
     high: str | None = "ci_high",
     title: str | None = None,
+    y: str | None = None,
+    highlight: Sequence[Any] | int | None = None,
 ) -> go.Figure:
     """Lines of a divergence (or any per-layer value) over decoder layers, one per ``color`` group.
+
+    Many groups do not fit one palette: with more than ``MAX_COLOURED`` groups (or ``highlight`` given: group
+    values, or a number n = the n groups with the highest mean) only the highlighted lines get colours, a legend
+    entry and a label at their end; the others are thin grey lines (hover names them).
+
+    Roles as in every plot here: ``y`` (alias of ``value``) the column drawn, ``color`` the grouping,
+    ``low``/``high`` the interval columns.
 
     ``label`` (defaults to ``color``) decides how group values are named (language names for ``lang``);
     ``floor`` names a column of a chance level (dashed, same colour); ``low``/``high`` name CI columns, drawn as
     error bars when present.
     """
+    value = y or value
     require_columns(frame, ["layer", value, *[c for c in (color, floor) if c]], "divergence_over_depth")
     has_ci = bool(low and high and low in frame.columns and high in frame.columns)
     groups = [(None, frame)] if color is None else list(frame.groupby(color, sort=True))
     shown = label_names([g for g, _ in groups], label or color) if color else [value]
     palette = colorway()
+    keys = [g for g, _ in groups]
+    if isinstance(highlight, int) or (highlight is None and len(groups) > MAX_COLOURED):
+        n_top = MAX_HIGHLIGHT if highlight is None else int(highlight)
+        means = {g: float(np.nanmean(sub[value])) for g, sub in groups}
+        hot = set(sorted(keys, key=lambda g: -means[g] if np.isfinite(means[g]) else np.inf)[:n_top])
+    else:
+        hot = set(keys) if highlight is None else {g for g in keys if g in set(highlight) or str(g) in
+                                                  {str(h) for h in highlight}}
+    rank = {g: i for i, g in enumerate([g for g in keys if g in hot])}
     fig = go.Figure()
-    for g, ((_, sub), name) in enumerate(zip(groups, shown, strict=True)):
+    order = sorted(zip(groups, shown, strict=True), key=lambda item: item[0][0] in hot)  # grey lines first
+    for (key, sub), name in order:
         sub = sub.sort_values("layer")
-        c = palette[g % len(palette)]
+        if key not in hot:  # context: thin grey, no legend entry, drawn first
+            fig.add_trace(go.Scatter(
+                x=sub["layer"], y=sub[value], mode="lines", name=name, showlegend=False,
+                line={"color": "#c8c8c8", "width": 1}, opacity=0.8,
+                hovertemplate=f"decoder layer %{{x}}<br>{value} %{{y:.4f}}<extra>{name}</extra>"))
+            continue
+        c = palette[rank[key] % len(palette)]
+        if len(hot) < len(keys) and len(sub):
+            fig.add_annotation(x=sub["layer"].iloc[-1], y=sub[value].iloc[-1], text=name, showarrow=False,
+                               xanchor="left", xshift=6, font={"color": c, "size": 12})
         err = None
         if has_ci:
             err = {"type": "data", "symmetric": False, "array": (sub[high] - sub[value]).clip(lower=0).to_numpy(),
@@ -172,14 +209,17 @@ def differential_usage(
     names: tuple[str, str] | None = None,
     label: str | None = None,
     title: str | None = None,
+    x: str | None = None,
 ) -> go.Figure:
     """Experts whose usage differs most between two conditions, with confidence-interval error bars.
 
     ``frame`` is a ``contrast`` frame: ``layer, expert, diff`` (share_a - share_b), ``ci_low, ci_high`` and,
     optionally, ``significant`` and the condition names ``a, b``. Per decoder layer the ``top_n`` experts by
     ``|diff|`` are horizontal bars (slider over layers): right = used more by a, left = more by b; bars whose
-    CI includes 0 are faded. ``names`` overrides (a, b); ``label="lang"`` shows language names.
+    CI includes 0 are faded. ``names`` overrides (a, b); ``label="lang"`` shows language names. Roles:
+    ``x`` (alias of ``value``: the bars are horizontal) and ``low``/``high``.
     """
+    value = x or value
     require_columns(frame, ["layer", "expert", value, low, high], "differential_usage")
     chosen = frame_layers(frame, layers)
     if names is None:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from .. import metrics as M
 from ..trace import RoutingTrace
 from ._common import language_name, metric_frame, require_columns
 from .contrast import divergence_matrix_heatmap, divergence_over_depth
@@ -33,6 +34,7 @@ def language_usage_heatmap(
     normalize: Normalize = "lift",
     languages: Sequence[str] | None = None,
     title: str | None = None,
+    min_count: int | None = None,
 ) -> go.Figure:
     """Languages (rows, by name) x experts, one heatmap per decoder layer behind a slider.
 
@@ -47,6 +49,7 @@ def language_usage_heatmap(
         values=languages,
         title=title
         or ("Expert preference by language (lift over overall share)" if normalize == "lift" else None),
+        min_count=min_count,
     )
 
 
@@ -67,7 +70,7 @@ def language_divergence_heatmap(
     (``layer, a, b, js``), or one square matrix (DataFrame or array with ``languages``).
     """
     if not isinstance(matrix, (pd.DataFrame, np.ndarray)):
-        matrix = metric_frame(matrix, "language_divergence", label=label)
+        matrix = metric_frame(matrix, M.language_divergence, label=label)
     return divergence_matrix_heatmap(
         matrix, languages, label="lang", value=value, layers=layers, measure=measure, layer=layer, title=title
     )
@@ -81,15 +84,20 @@ def divergence_to_reference(
     reference: str | None = None,
     floor: str | None = None,
     title: str | None = None,
+    y: str | None = None,
+    color: str | None = None,
 ) -> go.Figure:
     """Divergence of each language's routing from a reference language, over decoder layers.
+
+    ``y`` and ``color`` are aliases of ``value`` and ``group`` (the role names every plot uses).
 
     ``frame``: a ``reference_divergence`` frame (``<group>, layer, divergence`` and ``ci_low, ci_high`` drawn
     as error bars) or a trace (computed with ``reference``, default English). The reference's own rows (all
     zero) are left out and named in the title.
     """
+    value, group = y or value, color or group
     if not isinstance(frame, pd.DataFrame):
-        frame = metric_frame(frame, "reference_divergence", label=group, reference=reference or "en")
+        frame = metric_frame(frame, M.reference_divergence, label=group, reference=reference or "en")
     require_columns(frame, ["layer", group, value], "divergence_to_reference")
     if reference is None:
         zero = frame.groupby(group)[value].apply(lambda v: bool(np.all(np.nan_to_num(v) == 0)))

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .. import metrics as M
 from ..trace import RoutingTrace
 from ._common import category_axis, metric_frame, require_columns
 from .theme import SEQUENTIAL, colorway
@@ -49,7 +50,7 @@ def expert_load_heatmap(
     share x experts (1 = exactly its fair share) on a diverging scale from 0 (blue) through 1 (white) to
     ``zmax`` (red; default the largest value, at least 2). Pass the same ``zmax`` to compare two figures.
     """
-    frame = metric_frame(load, "expert_load")
+    frame = metric_frame(load, M.expert_load)
     share = load_matrix(frame, "share")
     counts = load_matrix(frame, "count") if "count" in frame.columns else share * np.nan
     n_exp = share.shape[1]
@@ -97,7 +98,7 @@ def load_balance_lines(
 
     ``color`` names a column (e.g. ``model`` or ``condition``) drawn as separate lines.
     """
-    frame = metric_frame(balance, "load_balance")
+    frame = metric_frame(balance, M.load_balance)
     require_columns(frame, ["layer", *metrics, *([color] if color else [])], "load_balance_lines")
     fig = make_subplots(
         rows=1,
@@ -161,7 +162,7 @@ def load_distribution(
 
     ``relative=True`` plots share x experts (1 = fair share); hover names the expert.
     """
-    frame = metric_frame(load, "expert_load")
+    frame = metric_frame(load, M.expert_load)
     share = load_matrix(frame, "share")
     n_exp = share.shape[1]
     long = share.stack().rename("share").reset_index()
@@ -209,7 +210,7 @@ def capacity_drop_curves(
     (darker = deeper); dashed grey: the same simulation on uniformly random routing (mean over layers).
     Frames split by position are summed over positions first.
     """
-    df = metric_frame(frame, "capacity_drop", capacity_factors=capacity_factors)
+    df = metric_frame(frame, M.capacity_drop, capacity_factors=capacity_factors)
     require_columns(df, ["capacity_factor", "layer", y], "capacity_drop_curves")
     random_col = {"drop_rate": "drop_rate_random"}.get(y)
     if "pos_start" in df.columns:  # by_position=True: back to one row per (factor, layer)
@@ -262,12 +263,15 @@ def placement_bars(
     measure: str = "max_over_mean",
     strategies: Sequence[str] = ("contiguous", "greedy"),
     title: str | None = None,
+    y: str | None = None,
 ) -> go.Figure:
     """Expert-placement what-if: the busiest device's load (over the mean) per decoder layer and strategy.
 
     ``frame`` is an ``expert_placement`` frame (``layer, devices, <measure>_<strategy>``); grouped bars per
-    layer, one colour per strategy, one panel per device count. Dotted: perfectly balanced devices.
+    layer, one colour per strategy, one panel per device count. Dotted: perfectly balanced devices. ``y`` is
+    an alias of ``measure`` (the role name every plot uses).
     """
+    measure = y or measure
     cols = [f"{measure}_{st}" for st in strategies]
     require_columns(frame, ["layer", *cols], "placement_bars")
     devices = sorted(pd.unique(frame["devices"]).tolist()) if "devices" in frame.columns else [None]
@@ -311,7 +315,7 @@ def expert_load_heatmap_static(
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    share = load_matrix(metric_frame(load, "expert_load"), "share")
+    share = load_matrix(metric_frame(load, M.expert_load), "share")
     data = share * share.shape[1] if relative else share
     if ax is None:
         fig, ax = plt.subplots(figsize=(min(16, 2 + 0.32 * share.shape[1]), 1.5 + 0.35 * share.shape[0]))

@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .. import metrics as M
 from ..trace import RoutingTrace
 from ._common import category_axis, frame_layers, metric_frame, require_columns
 from .theme import SEQUENTIAL, colorway
@@ -45,7 +46,7 @@ def consecutive_same_expert_plot(
     ``group``: grouped bars per layer; with ``group`` (the frame's ``by`` label column, e.g. ``domain``): one
     panel per measure and one line per group, as in Fig. 10 of the Mixtral paper.
     """
-    df = metric_frame(frame, "consecutive_same_expert", **({"by": group} if group else {}))
+    df = metric_frame(frame, M.consecutive_same_expert, **({"by": group} if group else {}))
     need = ["layer", "first", "first_or_second", "random_first", *([group] if group else [])]
     require_columns(df, need, "consecutive_same_expert_plot")
     palette = colorway()
@@ -128,7 +129,7 @@ def expert_by_position(
     """
     if isinstance(data, RoutingTrace):
         data.layer_index(layer)
-    df = metric_frame(data, "load_by_position", bins=bins, top1=top1)
+    df = metric_frame(data, M.load_by_position, bins=bins, top1=top1)
     require_columns(df, ["layer", "pos_start", "pos_end", "expert", "count", "share"], "expert_by_position")
     frame_layers(df, [layer])
     sub = df[df["layer"] == layer]

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from .. import metrics as M
 from ..errors import MetricError, PlotError, PlotInputError, TraceError
 from ..trace import RoutingTrace
 from ._common import (
@@ -38,7 +39,7 @@ def _usage_frame(data: Any, label: str, top1: bool) -> pd.DataFrame:
     """A ``label_usage`` frame: ``<label>, layer, expert, count, share, lift`` (computed from a trace if needed)."""
     if isinstance(data, RoutingTrace):
         data.label(label)  # the trace's clear error for an unknown label
-    frame = metric_frame(data, "label_usage", label=label, top1=top1)
+    frame = metric_frame(data, M.label_usage, label=label, top1=top1)
     require_columns(frame, [label, "layer", "expert", "count", "share"], "label_usage_heatmap")
     return frame
 
@@ -82,6 +83,23 @@ def usage_matrices(
     return present, out, counts
 
 
+def _lift_colour_axis(zmax: float, what: str) -> tuple[dict[str, Any], float]:
+    """Colour axis of log2(lift), symmetric around lift 1 (white), blue below and red above, saturating at
+    ``LIFT_CAP`` and 1 / ``LIFT_CAP``; ticks labelled as lifts. Returns (coloraxis, the saturation lift)."""
+    top = min(max(2.0, zmax), LIFT_CAP)
+    span = float(np.log2(top))
+    ticks = [t for t in (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0) if abs(np.log2(t)) <= span + 1e-9]
+    labels = {1 / 8: "⅛", 1 / 4: "¼", 1 / 2: "½"}
+    title = f"{what} (log scale" + (f"; ≥ {top:g} and ≤ 1/{top:g} saturated)" if zmax > top else ")")
+    axis = {
+        "colorscale": [[0.0, "#2166ac"], [0.25, "#92c5de"], [0.5, "#f7f7f7"], [0.75, "#f4a582"], [1.0, "#b2182b"]],
+        "cmin": -span, "cmax": span, "cmid": 0.0,
+        "colorbar": {"title": {"text": title, "side": "right"}, "tickvals": [float(np.log2(t)) for t in ticks],
+                     "ticktext": [labels.get(t, f"{t:g}") for t in ticks]},
+    }
+    return axis, top
+
+
 def label_usage_heatmap(
     data: RoutingTrace | pd.DataFrame | Any,
     label: str,
@@ -91,59 +109,77 @@ def label_usage_heatmap(
     top1: bool = False,
     values: Sequence[Any] | None = None,
     title: str | None = None,
+    min_count: int | None = None,
 ) -> go.Figure:
     """Expert usage by label value: label values (rows) x experts (columns), one heatmap per decoder layer
     behind a layer slider, all on one colour scale.
 
     ``data``: a trace (or trace directory) or a ``label_usage(trace, label)`` frame. ``normalize``: ``"label"``
     = share of the value's routed slots per expert (rows sum to 1, Mixtral Fig. 7); ``"lift"`` = that share
-    over the expert's overall share (1 = no preference); ``"count"`` = slots. ``values`` picks and orders label
-    values. Language labels (``lang``) are shown by name.
+    over the expert's overall share (1 = no preference), drawn on a log colour scale centred at 1 (white; a lift
+    of 2 as red as ½ is blue); ``"count"`` = slots. ``values`` picks and orders label values. Language labels
+    (``lang``) are shown by name. Cells resting on too few observations are left blank: those a ``too_few``
+    column marks, and with ``min_count`` those whose observed and expected (no-preference) slots are both
+    below it (a lift of 2.6 from 3 slots is not a strong preference).
     """
     frame = _usage_frame(data, label, top1)
+    if "too_few" in frame.columns and normalize != "count":
+        frame = frame.assign(**{"lift" if normalize == "lift" else "share": frame[
+            "lift" if normalize == "lift" else "share"].where(~frame["too_few"].astype(bool))})
     shown_layers = frame_layers(frame, layers)
     vals, mats, counts = usage_matrices(frame, label, shown_layers, normalize, values)
     names = label_names(vals, label)
     n_exp = mats.shape[2]
+    masked = 0
+    if min_count is not None and normalize != "count":
+        totals = counts.sum(axis=2, keepdims=True)  # [layers, values, 1]
+        overall = counts.sum(axis=1, keepdims=True) / np.maximum(counts.sum(axis=(1, 2), keepdims=True), 1)
+        expected = totals * overall  # slots under label-independent routing
+        few = (counts < min_count) & (expected < min_count)
+        masked = int((few & np.isfinite(mats)).sum())
+        mats = np.where(few, np.nan, mats)
     finite = mats[np.isfinite(mats)]
     zmax = float(finite.max()) if finite.size else 1.0
     what = {"label": "share of slots", "lift": "lift over overall share", "count": "slots"}[normalize]
     fmt = {"label": ".1%", "lift": ".2f", "count": ",.0f"}[normalize]
+    coloraxis: dict[str, Any]
+    if normalize == "lift":
+        coloraxis, top = _lift_colour_axis(zmax, what)
+        with np.errstate(divide="ignore"):
+            z = np.clip(np.log2(mats), -np.log2(top), np.log2(top))  # lift 0 -> the bluest colour
+    else:
+        coloraxis = {"colorbar": {"title": {"text": what, "side": "right"}}, "colorscale": SEQUENTIAL,
+                     "cmin": 0.0, "cmax": zmax}
+        z = mats
     fig = go.Figure()
     for j, layer in enumerate(shown_layers):
         fig.add_trace(
             go.Heatmap(
-                z=mats[j],
+                z=z[j],
                 x=np.arange(n_exp),
                 y=names,
-                customdata=counts[j],
+                customdata=np.stack([counts[j], mats[j]], axis=-1),
                 coloraxis="coloraxis",
                 name=f"layer {layer}",
-                hovertemplate=f"{label} = %{{y}} · expert %{{x}}<br>{what}: %{{z:{fmt}}}<br>slots: %{{customdata:,}}"
-                f"<extra>layer {layer}</extra>",
+                hovertemplate=f"{label} = %{{y}} · expert %{{x}}<br>{what}: %{{customdata[1]:{fmt}}}"
+                f"<br>slots: %{{customdata[0]:,}}<extra>layer {layer}</extra>",
+                hoverongaps=False,
                 visible=j == 0,
             )
         )
-    coloraxis: dict[str, Any] = {"colorbar": {"title": {"text": what}}}
-    if normalize == "lift":
-        # white at lift 1 (plotly ignores cmid once cmin/cmax are set); lifts above LIFT_CAP saturate, so that a
-        # single lift of 25 does not wash the 1-4 range out to white
-        top = min(max(2.0, zmax), LIFT_CAP)
-        w = 1.0 / top
-        coloraxis.update(
-            colorscale=[[0.0, "#2166ac"], [w / 2, "#92c5de"], [w, "#f7f7f7"], [w + (1 - w) / 3, "#f4a582"],
-                        [w + 2 * (1 - w) / 3, "#d6604d"], [1.0, "#b2182b"]],
-            cmid=1.0, cmin=0.0, cmax=top,
-        )  # fmt: skip
-        if zmax > top:
-            coloraxis["colorbar"] = {"title": {"text": f"{what} (≥ {top:g} saturated)"}}
+    blank = int(np.isnan(mats).sum())
+    if masked:
+        note = f" · grey: fewer than {min_count} slots observed and expected"
+    elif blank and normalize != "count":
+        note = " · grey: no estimate (too few slots, or an expert never chosen)"
     else:
-        coloraxis.update(colorscale=SEQUENTIAL, cmin=0.0, cmax=zmax)
+        note = ""
     fig.update_layout(
-        title=title or f"Expert usage by {label}" + (" (first choice)" if top1 else ""),
+        title=(title or f"Expert usage by {label}" + (" (first choice)" if top1 else "")) + note,
         coloraxis=coloraxis,
-        xaxis={"title": {"text": "expert"}, "dtick": 1 if n_exp <= 32 else None},
-        yaxis={"title": {"text": label}, "autorange": "reversed", **category_axis(names)},
+        xaxis={"title": {"text": "expert"}, "dtick": 1 if n_exp <= 32 else None, "showgrid": False},
+        yaxis={"title": {"text": label}, "autorange": "reversed", "showgrid": False, **category_axis(names)},
+        plot_bgcolor="#d0d0d0" if blank else None,  # masked cells grey, apart from the white of lift 1
         sliders=[layer_slider(shown_layers)],
         height=int(max(360, 24 * len(names) + 230)),
     )
@@ -202,7 +238,7 @@ def nmi_by_layer(
             raise PlotInputError("nmi_by_layer(trace, label): name the label(s) to compute label_nmi for.")
         names = [label] if isinstance(label, str) else list(label)
         nmi = pd.concat(
-            [metric_frame(nmi, "label_nmi", label=n).assign(label=n) for n in names], ignore_index=True
+            [metric_frame(nmi, M.label_nmi, label=n).assign(label=n) for n in names], ignore_index=True
         )
     require_columns(nmi, ["layer", "nmi", "floor"], "nmi_by_layer")
     if color is None and "label" in nmi.columns and nmi["label"].nunique() > 1:
@@ -292,7 +328,7 @@ def coactivation_heatmap(
             raise TraceError(f"pass layer= (a decoder-layer index{layers}).")
         if isinstance(matrix, RoutingTrace):
             matrix.layer_index(layer)
-        mat = np.asarray(metric_frame(matrix, "coactivation", layer=layer), dtype=np.float64)
+        mat = np.asarray(metric_frame(matrix, M.coactivation, layer=layer), dtype=np.float64)
     else:
         mat = np.asarray(matrix, dtype=np.float64)
     if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:

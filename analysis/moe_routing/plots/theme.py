@@ -136,7 +136,8 @@ def _expert_colors(n: int) -> tuple[str, ...]:
     if n <= len(_TAB10):
         return tuple(_TAB10[:n])
     if n <= len(_TAB20):
-        return tuple(_TAB20[:n])
+        # tab20's dark colours first, then the light ones: neighbouring experts never share a hue
+        return tuple((_TAB20[0::2] + _TAB20[1::2])[:n])
     out = []
     golden = 0.618033988749895
     for i in range(n):

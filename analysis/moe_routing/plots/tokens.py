@@ -46,6 +46,8 @@ def _layout_tokens(
             tok = body
         breaks = tok.count("\n")
         disp = tok.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+        if disp and not disp.strip(" "):  # a whitespace-only token: visible as middle dots
+            disp = "·" * len(disp)
         disp = disp.replace(" ", _NBSP) or "∅"
         w = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in disp)  # CJK takes two cells
         if x > 0 and x + w > line_chars:
@@ -71,19 +73,28 @@ def token_expert_text(
     line_chars: int = 80,
     width: int = 1000,
     title: str | None = None,
+    show_key: bool = True,
 ) -> go.Figure:
     """A document's text with every token's background in the colour of its first-choice expert.
 
     One ``go.Bar`` trace per MoE layer (tokens are horizontal bars laid out as lines of text) and a slider
     over the decoder layers, as in Fig. 8 of the Mixtral paper. Hover: token text, position, the top-k
     expert ids and their weights. ``tokens`` (strings aligned with the trace, or id -> text) or
-    ``tokenizer`` give the text; otherwise token ids are shown.
+    ``tokenizer`` give the text; otherwise token ids are shown. With a tokenizer, byte-fallback pieces of one
+    character (which decode to nothing alone) are merged into one box with the character they complete (its
+    first piece's colour; hover lists every piece's expert). Whitespace-only tokens show as middle dots. A
+    colour key (expert -> colour) sits above the text (``show_key``; up to 64 experts).
     """
     idx = doc_token_index(trace, doc_id, max_tokens)
     doc = int(trace.doc_ids[idx[0]])
     lpos = layer_positions(trace, layers)
     texts = token_strings(trace, tokenizer=tokenizer, tokens=tokens)
-    doc_texts = [texts[i] for i in idx]
+    groups = merge_partial_tokens(trace.token_ids[idx], tokenizer) if tokenizer is not None and tokens is None \
+        else [(t, t + 1, None) for t in range(len(idx))]
+    doc_texts = [texts[idx[a]] if merged is None else merged for a, _b, merged in groups]
+    first = np.array([a for a, _b, _m in groups], dtype=int)  # a merged box takes its first piece's expert
+    pieces = [b - a for a, b, _m in groups]
+    idx_all, idx = idx, idx[first]
     shown, x0, w, row = _layout_tokens(doc_texts, line_chars)
     n_rows = int(row.max()) + 1 if row.size else 1
 
@@ -101,6 +112,9 @@ def token_expert_text(
             f"token: {visible(doc_texts[t])!s}<br>position: {int(trace.positions[i])}"
             f"<br>decoder layer: {trace.layers[li]}<br>first choice: {experts[t] if experts[t] >= 0 else 'none'}"
             f"<br>top-{trace.top_k}: {_slot_summary(trace.expert_ids[i, li], trace.weights[i, li])}"
+            + (f"<br>{pieces[t]} byte pieces, first choices "
+               + ", ".join(str(int(top1[j, li])) for j in idx_all[first[t]:first[t] + pieces[t]])
+               if pieces[t] > 1 else "")
             for t, i in enumerate(idx)
         ]
         fig.add_trace(
@@ -126,6 +140,8 @@ def token_expert_text(
             )
         )
     labels = [trace.layers[li] for li in lpos]
+    key = _colour_key(trace.num_experts, width) if show_key else []
+    key_px = 30 * (1 + max(0, len(key) - 1) // max(1, int((width - 120) // 34))) if key else 0
     fig.update_layout(
         title=title
         or f"Tokens coloured by first-choice expert · doc {doc}"
@@ -133,8 +149,9 @@ def token_expert_text(
         barmode="overlay",
         bargap=0,
         width=width,
-        height=height,
-        margin={"l": 20, "r": 20, "t": 60, "b": 130},  # the layer slider and its labels sit in the bottom margin
+        height=height + key_px,
+        annotations=key,
+        margin={"l": 20, "r": 20, "t": 60 + key_px, "b": 130},  # the layer slider sits in the bottom margin
         xaxis={"visible": False, "range": [-0.5, line_chars + 0.5], "fixedrange": True},
         yaxis={"visible": False, "autorange": "reversed", "range": [n_rows - 0.5, -0.5], "fixedrange": True},
         uniformtext={"minsize": 7, "mode": "show"},
@@ -142,6 +159,56 @@ def token_expert_text(
         plot_bgcolor="rgba(0,0,0,0)",
     )
     return fig
+
+
+def merge_partial_tokens(ids: Sequence[int] | np.ndarray, tokenizer: Any, max_pieces: int = 4
+                         ) -> list[tuple[int, int, str | None]]:
+    """Group a token-id sequence into display boxes ``(start, stop, merged text or None)``.
+
+    A token that decodes alone to an incomplete UTF-8 character (byte fallback: "\ufffd") is joined with the
+    following tokens (up to ``max_pieces``) until their joint decode is complete; other tokens stay single
+    (``None``: use the token's own string).
+    """
+    ids = [int(i) for i in ids]
+    decode = getattr(tokenizer, "decode", None)
+    if decode is None:
+        return [(t, t + 1, None) for t in range(len(ids))]
+    out: list[tuple[int, int, str | None]] = []
+    t = 0
+    while t < len(ids):
+        if ids[t] >= 0 and "\ufffd" in decode([ids[t]]):
+            for stop in range(t + 2, min(len(ids), t + max_pieces) + 1):
+                text = decode(ids[t:stop])
+                if "\ufffd" not in text:
+                    out.append((t, stop, text))
+                    t = stop
+                    break
+            else:
+                out.append((t, t + 1, None))
+                t += 1
+            continue
+        out.append((t, t + 1, None))
+        t += 1
+    return out
+
+
+def _colour_key(num_experts: int, width: int, max_experts: int = 64) -> list[dict[str, Any]]:
+    """Annotations above the plot: one box per expert in its colour with its id (none past ``max_experts``)."""
+    if num_experts > max_experts:
+        return [{"text": f"colour = first-choice expert ({num_experts} experts; hover a token for its ids)",
+                 "xref": "paper", "yref": "paper", "x": 0, "y": 1, "yshift": 8, "xanchor": "left",
+                 "yanchor": "bottom", "showarrow": False}]
+    per_row = max(1, int((width - 120) // 34))
+    notes: list[dict[str, Any]] = [{"text": "expert:", "xref": "paper", "yref": "paper", "x": 0, "y": 1,
+                                    "yshift": 8, "xanchor": "left", "yanchor": "bottom", "showarrow": False}]
+    for e in range(num_experts):
+        c = expert_color(e, num_experts)
+        r, col = divmod(e, per_row)
+        notes.append({"text": f"<b>{e}</b>", "xref": "paper", "yref": "paper", "x": 0, "xshift": 64 + 34 * col,
+                      "y": 1, "yshift": 8 + 30 * (max(0, (num_experts - 1) // per_row) - r), "xanchor": "left",
+                      "yanchor": "bottom", "showarrow": False, "bgcolor": c, "width": 26,
+                      "font": {"color": text_color_on(c), "family": MONO, "size": 12}})
+    return notes
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
