@@ -27,6 +27,7 @@ from .load import (
     load_by_position,
     usage_counts,
 )
+from .stability import routing_stability, stability_summary
 from .sequence import consecutive_same_expert, path_entropy, router_agreement, transition_summary, transitions
 from .specialization import (
     TOKEN_TYPES,
@@ -97,3 +98,4 @@ __all__ = [
 from .language import conditional_label_mi, language_usage
 
 __all__ += ["conditional_label_mi", "language_usage"]
+__all__ += ["routing_stability", "stability_summary"]
