@@ -9,6 +9,8 @@ non-thinking mode the template closes the span itself and the model answers at o
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -72,7 +74,7 @@ def chat_dir(tmp_path_factory):
     chain = [ids["<think>"], words[0], words[1], ids["</think>"], words[2], words[3], ids["<|im_end|>"]]
     with torch.no_grad():
         emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-        for dim, (tid, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
+        for dim, (tid, nxt) in enumerate(itertools.pairwise(chain)):
             emb[tid].zero_()
             emb[tid, dim] = 1000.0  # this token's final hidden state points along `dim`
             head[:, dim] = 0.0
@@ -87,7 +89,7 @@ def chat_dir(tmp_path_factory):
 
 def test_the_chat_directory_is_a_thinking_model(chat_dir):
     path, _ = chat_dir
-    model, tok = mr.load_model(path)
+    _model, tok = mr.load_model(path)
     assert supports_thinking(tok)
     assert think_token_ids(tok) == (tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>"))
 
@@ -103,7 +105,7 @@ def traces(chat_dir):
 
 
 def test_segments_follow_the_think_markers(traces, chat_dir):
-    thinking, plain, tok = traces
+    thinking, plain, _tok = traces
     _, chain = chat_dir
     for trace, mode in ((thinking, "thinking"), (plain, "non-thinking")):
         assert set(trace.label("mode")) == {mode}

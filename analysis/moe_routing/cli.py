@@ -21,7 +21,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
 class Parser(argparse.ArgumentParser):
     """argparse with the project's error line: the usage, then ``moe-routing: error: ...``, exit status 2."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         self.exit(2, f"moe-routing: error: {message}\n")
 

@@ -157,7 +157,8 @@ def _parts_for(corpus: str | None, *, demo: bool, langs: list[str] | None, recor
 def _real_model_parts(langs: list[str] | None, record: Path | None = None) -> tuple[str, ...]:
     try:
         load_part("flores", langs=langs, max_per_lang=1)
-        used, reason = ("flores",), None
+        used: tuple[str, ...] = ("flores",)
+        reason = None
     except CorpusError as exc:
         reason = str(exc).splitlines()[0]
         print(f"[moe-routing] FLORES+ not reachable ({reason}); using the offline demo corpus instead.",

@@ -67,7 +67,9 @@ def test_shares_equal_an_independent_recomputation(frame, qwen3_moe, tokenizer):
     for j, layer in enumerate(ref.layers):
         row = rows[rows["layer"] == layer].iloc[0]
         top1 = np.mean(got.top1()[:, j] != ref.top1()[:, j])
-        sets = lambda t: np.sort(t.expert_ids[:, j], axis=1)  # noqa: E731
+        def sets(t, j=j):
+            return np.sort(t.expert_ids[:, j], axis=1)
+
         topk = np.mean((sets(got) != sets(ref)).any(axis=1))
         vs32 = np.mean((sets(got) != sets(fp32)).any(axis=1))
         assert row["top1_changed"] == pytest.approx(top1)
