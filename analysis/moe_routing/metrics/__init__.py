@@ -27,7 +27,6 @@ from .load import (
     load_by_position,
     usage_counts,
 )
-from .stability import routing_stability, stability_summary
 from .sequence import consecutive_same_expert, path_entropy, router_agreement, transition_summary, transitions
 from .specialization import (
     TOKEN_TYPES,
@@ -46,6 +45,7 @@ from .specialization import (
     top_tokens,
     vocabulary_specialization,
 )
+from .stability import routing_stability, stability_summary
 
 __all__ = [
     "TOKEN_TYPES",
