@@ -30,6 +30,8 @@ DEVICE = None  # device_map: None = "auto" when a GPU (CUDA/MPS) is present, els
 DTYPE = "auto"  # weights dtype: "auto" (the checkpoint's), "bfloat16", "float32", ...
 CORPUS = "demo"  # corpus of the pipeline run (this notebook uses only PROMPTS; kept for a uniform report)
 PART = "heldout"
+LANGS = None  # languages of the pipeline run (None: the corpus's default)
+CORPUS_FALLBACK = None  # set by the pipeline: why FLORES+ was not used (None: it was, or not asked for)
 STABILITY_DTYPES = ("float32", "bfloat16")  # converted in place; float32 needs twice a 16-bit model's memory
 LAYER = None  # decoder layer of the router heatmap (None: the last MoE layer)
 PROMPTS = [
