@@ -91,8 +91,14 @@ def load_model(
         if check_memory:
             from transformers import AutoConfig
 
-            check_fits(AutoConfig.from_pretrained(path, **common), device_map, dtype,
-                       offload=bool(kwargs.get("offload_folder")), name=str(name_or_path))
+            config = AutoConfig.from_pretrained(path, **common)
+            try:
+                need: int | None = weight_bytes(config, dtype)
+            except Exception:  # an architecture the meta copy cannot build (remote code, ...): no check
+                need = None
+            if need is not None:
+                check_fits(config, device_map, dtype, offload=bool(kwargs.get("offload_folder")),
+                           name=str(name_or_path), need=need)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_parse_dtype(dtype), device_map=None if device_map == "cpu" else device_map, **common,
             **kwargs,
@@ -259,15 +265,17 @@ def _host_available() -> int:
 
 
 def check_fits(config: Any, device_map: Any, dtype: Any = "auto", *, offload: bool = False,
-               name: str = "the model", available: dict[str, int] | None = None) -> int:
+               name: str = "the model", available: dict[str, int] | None = None,
+               need: int | None = None) -> int:
     """ModelTooLargeError when the weights need more than the devices of ``device_map`` have free; else the bytes.
 
     ``available`` (bytes per device) defaults to ``available_memory(device_map)``; a ``"disk"`` entry in a
-    device_map dict, or ``offload=True`` (an ``offload_folder``), skips the check (accelerate pages from disk).
+    device_map dict, or ``offload=True`` (an ``offload_folder``), skips the check (accelerate pages from disk);
+    ``need`` (bytes) skips counting the weights again.
     """
     if offload or (isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}):
         return 0
-    need = weight_bytes(config, dtype)
+    need = weight_bytes(config, dtype) if need is None else need
     have = available if available is not None else available_memory(device_map)
     if not have:
         return need
