@@ -1,4 +1,5 @@
-# make demo : the whole pipeline on the embedded default (MODEL=<hf id or path> for a real model)
+# make demo : the whole pipeline on the embedded default (MODEL=<hf id or path> for a real model;
+#             DEVICE=cpu|cuda|auto DTYPE=bfloat16 CORPUS=flores|demo|udhr LANGS=en,de)
 # make test : lint + the test suite (executes the notebooks too)
 # Both create .venv and install what they need: the CPU torch wheel first, then the rest.
 PY ?= python3
@@ -8,6 +9,14 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 MODEL ?= demo
+DEVICE ?=
+DTYPE ?= auto
+CORPUS ?=
+LANGS ?=
+DEMO_ARGS := --model "$(MODEL)" --dtype "$(DTYPE)" $(if $(DEVICE),--device "$(DEVICE)") \
+	$(if $(CORPUS),--corpus "$(CORPUS)") $(if $(LANGS),--langs "$(LANGS)")
+# FLORES+ needs the datasets extra: asked for (CORPUS=flores), or the default corpus of a real model
+NEEDS_DATASETS := $(or $(filter flores,$(CORPUS)),$(and $(if $(CORPUS),,1),$(filter-out demo demo-trained demo-untrained,$(MODEL))))
 PYTEST_ARGS ?=
 
 .PHONY: install chromium test lint demo report bench clean-demo lab
@@ -36,7 +45,8 @@ test: install chromium lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install chromium
-	$(BIN)/python -m moe_routing demo --model "$(MODEL)"
+	$(if $(NEEDS_DATASETS),$(BIN)/python -m pip install -q -e ".[datasets]")
+	$(BIN)/python -m moe_routing demo $(DEMO_ARGS)
 
 report: install chromium
 	$(BIN)/python -m moe_routing report

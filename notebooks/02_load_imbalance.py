@@ -26,6 +26,10 @@
 # %% tags=["parameters"]
 MODEL = "demo"  # "demo" or a Hugging Face id / local path
 RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); trace directories (captured on first use)
+DEVICE = None  # device_map of the pipeline run: None = "auto" with a GPU present, else the CPU
+DTYPE = "auto"  # weights dtype of the pipeline run ("auto": the checkpoint's)
+LANGS = None  # languages of the pipeline run (None: the corpus's default)
+CORPUS_FALLBACK = None  # set by the pipeline: why FLORES+ was not used (None: it was, or not asked for)
 PART = "heldout"  # corpus part: heldout / train (demo corpus), udhr (prose), flores (FLORES-200, real models)
 LONG_PART = "udhr"  # a part with long sequences (UDHR paragraphs) for the position and capacity views
 LAYER = None  # decoder layer for the per-layer views (None: the last MoE layer)

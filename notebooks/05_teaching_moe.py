@@ -27,6 +27,10 @@
 # %% tags=["parameters"]
 MODEL = "demo"  # whose tokenizer and corpus to use ("demo": 4096 tokens, keeps the runs fast)
 RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); checkpoints are saved under RUNS/teaching/<run>/step-NNNN
+DEVICE = None  # device_map of the pipeline run: None = "auto" with a GPU present, else the CPU
+DTYPE = "auto"  # weights dtype of the pipeline run ("auto": the checkpoint's)
+LANGS = None  # languages of the pipeline run (None: the corpus's default)
+CORPUS_FALLBACK = None  # set by the pipeline: why FLORES+ was not used (None: it was, or not asked for)
 STEPS = 100  # optimiser steps per run
 SEED = 0  # the watched run's seed: same initial weights and batches for every setting
 N_SEEDS = 3  # the comparisons (aux loss on/off, top-k) are repeated with seeds SEED, SEED+1, ...

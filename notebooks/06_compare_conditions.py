@@ -27,6 +27,10 @@
 # %% tags=["parameters"]
 MODEL = "demo"  # "demo" or a Hugging Face id / local path of an MoE causal LM
 RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); trace directories (captured on first use)
+DEVICE = None  # device_map of the pipeline run: None = "auto" with a GPU present, else the CPU
+DTYPE = "auto"  # weights dtype of the pipeline run ("auto": the checkpoint's)
+LANGS = None  # languages of the pipeline run (None: the corpus's default)
+CORPUS_FALLBACK = None  # set by the pipeline: why FLORES+ was not used (None: it was, or not asked for)
 CORPUS = "demo"  # "demo" (held-out split of the parallel demo corpus) or "flores" (FLORES-200, real models)
 LANG_A, LANG_B = "de", "fr"  # the two languages of contrast (a)
 OTHER_MODEL = None  # (b) for a real model: another checkpoint with the same tokenizer; the demo uses its untrained weights

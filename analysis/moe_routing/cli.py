@@ -1,4 +1,4 @@
-"""Command line: ``moe-routing capture | info | demo | report``.
+"""Command line: ``moe-routing capture | info | demo | report`` (``atlas`` and ``lab`` join in ``build_parser``).
 
 Every error a user can cause ends the command with exit status 2 and one line ``moe-routing: error: ...`` on
 stderr (no traceback); options are checked before any corpus or model is loaded. A notebook that fails makes
@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MoERoutingError, UsageError
+from .models import DEVICE_MAPS, check_device  # noqa: F401  (check_device: public here before models had it)
 
 #: dtypes the capture command accepts (``load_model`` aliases included); anything else is refused up front.
 DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
-#: device_map strings that place the whole model without naming a device.
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
-
-
 class Parser(argparse.ArgumentParser):
     """argparse with the project's error line: the usage, then ``moe-routing: error: ...``, exit status 2."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         self.exit(2, f"moe-routing: error: {message}\n")
 
@@ -40,38 +37,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def check_device(device: str | None) -> None:
-    """UsageError when ``device`` (a ``device_map`` string) names an accelerator this machine does not have."""
-    if device is None or device in DEVICE_MAPS:
-        return
-    kind, _, index = device.partition(":")
-    if device.isdigit():
-        kind, index = "cuda", device
-    if kind not in ("cuda", "mps", "xpu"):
-        raise UsageError(
-            f"--device {device!r} is not a device: use cpu, cuda, cuda:N, mps, or a device_map strategy "
-            f"({', '.join(DEVICE_MAPS)})."
-        )
-    import torch
-
-    if kind == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError("--device mps: this machine has no usable Apple GPU (MPS); use --device cpu.")
-        return
-    backend = getattr(torch, kind)
-    if not backend.is_available():
-        raise UsageError(f"--device {device}: {kind.upper()} is not available on this machine "
-                         f"(torch {torch.__version__}); use --device cpu, or install a {kind} build of torch.")
-    count = backend.device_count()
-    if index and (not index.isdigit() or int(index) >= count):
-        raise UsageError(f"--device {device}: this machine has {count} {kind} device(s) "
-                         f"({kind}:0 to {kind}:{count - 1}).")
-
-
 def _cmd_capture(args: argparse.Namespace) -> int:
     from .corpora import check_label_columns, load_corpus
 
-    check_device(args.device)
+    check_device(args.device, option="--device")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory for the trace.")
@@ -105,17 +74,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Traces (cached), then the project's notebooks on them; 1 when a notebook failed."""
-    from .demo_pipeline import run_demo
+    from .demo_pipeline import demo_parameters, run_demo
     from .report import build_report, find_notebooks, parse_params, project_notebooks, summarize
 
+    check_device(args.device, option="--device")
     params = parse_params(args.param)
     notebooks = Path(args.notebooks) if args.notebooks else project_notebooks()
     if not args.no_report:
         find_notebooks(notebooks, args.only)  # a wrong --notebooks / --only fails before the captures
-    run_demo(model=args.model, out=args.out, report=False)
+    langs = [x for x in args.langs.split(",") if x.strip()] if args.langs else None
+    run_demo(model=args.model, out=args.out, report=False, device_map=args.device, dtype=args.dtype,
+             corpus=args.corpus, langs=langs)
     if args.no_report:
         return 0
-    parameters = {"MODEL": args.model, "RUNS": str(Path(args.out).resolve()), **params}
+    parameters = {**demo_parameters(args.model, args.out, device_map=args.device, dtype=args.dtype,
+                                    corpus=args.corpus, langs=langs), **params}
     index = build_report(notebooks, args.report_dir, parameters=parameters, only=args.only)
     return summarize(index)
 
@@ -143,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=positive_int, default=None, help="stop after this many real tokens")
     c.add_argument("--max-length", type=positive_int, default=None, help="tokens per chunk (long texts are split)")
     c.add_argument("--batch-size", type=positive_int, default=8)
-    c.add_argument("--device", default=None, help="device_map for from_pretrained, e.g. auto, cuda:0, cpu")
+    c.add_argument("--device", default=None,
+                   help="device_map: auto, cuda, cuda:N, mps, cpu (default: auto with a GPU present, else cpu)")
     c.add_argument("--dtype", default="auto", choices=DTYPES, metavar="{auto,bfloat16,float16,float32}",
                    help="weights dtype (default: auto, the checkpoint's)")
     c.add_argument("--revision", default=None)
@@ -163,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--only", action="append", default=None, metavar="NN|NAME", help="run only these notebooks")
     d.add_argument("--param", "-p", action="append", default=None, metavar="KEY=VALUE",
                    help="extra notebook parameter (repeatable)")
+    d.add_argument("--device", default=None,
+                   help="device_map: auto, cuda, cuda:N, mps, cpu (default: auto with a GPU present, else cpu)")
+    d.add_argument("--dtype", default="auto", choices=DTYPES, metavar="{auto,bfloat16,float16,float32}",
+                   help="weights dtype (default: auto, the checkpoint's)")
+    d.add_argument("--corpus", default=None, choices=("demo", "flores", "udhr"),
+                   help="corpus of a real model (default: flores when reachable, else the offline demo corpus)")
+    d.add_argument("--langs", default=None, help="comma-separated languages (default: all of the corpus's)")
     d.add_argument("--no-report", action="store_true")
     d.set_defaults(func=_cmd_demo)
 

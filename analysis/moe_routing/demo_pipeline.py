@@ -26,7 +26,7 @@ from typing import Any
 from .errors import CorpusError
 
 DEMO_PARTS = ("heldout", "train", "udhr")
-LABELS = ["lang", "script", "source", "key", "split"]
+LABELS = ["lang", "script", "source", "key", "split", "family"]
 
 
 def _slug(name: str) -> str:
@@ -79,10 +79,13 @@ def demo_runs(
     dtype: Any = "auto",
     device_map: Any = None,
     progress: bool = True,
+    corpus: str | None = None,
 ) -> dict[str, Path]:
     """Capture every (variant, part) pair that is not on disk yet; return ``{"trained/heldout": path, ...}``.
 
-    A real model's parts default to ``("flores",)`` when FLORES-200 is reachable, else ``("heldout", "udhr")``.
+    A real model's parts default to ``("flores",)`` when FLORES+ is reachable, else ``("heldout", "udhr")``;
+    ``corpus`` ("demo", "flores", "udhr") chooses them instead. A fallback from FLORES+ is recorded in
+    ``runs/<model>/corpus.json`` (``{"requested", "used", "fallback"}``) for the report.
     Each directory is keyed by the options that shape it (see the module docstring) and by the model's weight
     files: a retrained model is captured again.
     """
@@ -92,7 +95,7 @@ def demo_runs(
     runs = Path(runs)
     variants = model_variants(model)
     if parts is None:
-        parts = DEMO_PARTS if "trained" in variants else _real_model_parts(langs)
+        parts = _parts_for(corpus, demo="trained" in variants, langs=langs, record=runs / _slug(model))
     key = run_key(langs=langs, max_per_lang=max_per_lang, max_tokens=max_tokens, batch_size=batch_size,
                   dtype=dtype)
     asked = {"batch_size": batch_size, "max_tokens": max_tokens}
@@ -110,10 +113,10 @@ def demo_runs(
             if status[part] == "stale":
                 print(f"[moe-routing] {directory} was captured from other weights or settings (or by an older "
                       f"moe-routing: {'; '.join(status[part].reasons)}); capturing again", file=sys.stderr)
-            corpus = load_part(part, langs=langs, max_per_lang=max_per_lang)
-            print(f"[moe-routing] {variant} model on {part}: {len(corpus)} texts", file=sys.stderr, flush=True)
-            capture_corpus(loaded, tok, corpus, directory, batch_size=batch_size, max_tokens=max_tokens,
-                           labels=[c for c in LABELS if c in corpus.columns], progress=progress,
+            frame = load_part(part, langs=langs, max_per_lang=max_per_lang)
+            print(f"[moe-routing] {variant} model on {part}: {len(frame)} texts", file=sys.stderr, flush=True)
+            capture_corpus(loaded, tok, frame, directory, batch_size=batch_size, max_tokens=max_tokens,
+                           labels=[c for c in LABELS if c in frame.columns], progress=progress,
                            if_stale="overwrite")
         del loaded
     return out
@@ -169,28 +172,63 @@ def open_runs(model: str = "demo", runs: str | Path = "runs", parts: Sequence[st
     return Runs(model, readers, by_variant)
 
 
-def _real_model_parts(langs: list[str] | None) -> tuple[str, ...]:
+def _parts_for(corpus: str | None, *, demo: bool, langs: list[str] | None, record: Path) -> tuple[str, ...]:
+    """Corpus parts for ``corpus`` (None: the demo's three parts for the demo model, else FLORES+ or fallback)."""
+    if corpus is None:
+        return DEMO_PARTS if demo else _real_model_parts(langs, record)
+    if corpus == "flores":
+        return _real_model_parts(langs, record)
+    if corpus == "demo":
+        return ("heldout", "train") if demo else ("heldout", "udhr")
+    return (corpus,)
+
+
+def _real_model_parts(langs: list[str] | None, record: Path | None = None) -> tuple[str, ...]:
     try:
         load_part("flores", langs=langs, max_per_lang=1)
-        return ("flores",)
+        used: tuple[str, ...] = ("flores",)
+        reason = None
     except CorpusError as exc:
-        print(f"[moe-routing] FLORES-200 not reachable ({str(exc).splitlines()[0]}); using the offline demo "
-              "corpus instead.", file=sys.stderr)
-        return ("heldout", "udhr")
+        reason = str(exc).splitlines()[0]
+        print(f"[moe-routing] FLORES+ not reachable ({reason}); using the offline demo corpus instead.",
+              file=sys.stderr)
+        used = ("heldout", "udhr")
+    if record is not None:  # the report reads corpus.json's "fallback" (None: FLORES+ was used)
+        record.mkdir(parents=True, exist_ok=True)
+        (record / "corpus.json").write_text(json.dumps({"requested": "flores", "used": list(used),
+                                                        "fallback": reason}, indent=1))
+    return used
 
 
 def run_demo(model: str = "demo", out: str | Path = "runs", *, report: bool = True,
-             report_dir: str | Path = "report") -> Path | None:
+             report_dir: str | Path = "report", device_map: Any = None, dtype: Any = "auto",
+             corpus: str | None = None, langs: list[str] | None = None) -> Path | None:
     """The whole pipeline; prints timings and returns the report's index.html (or None without a report)."""
     t0 = time.perf_counter()
-    paths = demo_runs(model, out)
+    paths = demo_runs(model, out, device_map=device_map, dtype=dtype, corpus=corpus, langs=langs)
     t1 = time.perf_counter()
     print(f"[moe-routing] traces ready in {t1 - t0:.0f} s: " + ", ".join(sorted(paths)), file=sys.stderr)
     if not report:
         return None
     from .report import build_report
 
-    index = build_report("notebooks", report_dir, parameters={"MODEL": model, "RUNS": str(Path(out).resolve())})
+    index = build_report("notebooks", report_dir, parameters=demo_parameters(
+        model, out, device_map=device_map, dtype=dtype, corpus=corpus, langs=langs))
     print(f"[moe-routing] notebooks executed and rendered in {time.perf_counter() - t1:.0f} s; "
           f"total {time.perf_counter() - t0:.0f} s -> {index}", file=sys.stderr)
     return index
+
+
+def demo_parameters(model: str, out: str | Path, *, device_map: Any = None, dtype: Any = "auto",
+                    corpus: str | None = None, langs: list[str] | None = None) -> dict[str, Any]:
+    """The notebook parameters of a pipeline run: every option its captures used (``CORPUS_FALLBACK``: why
+    FLORES+ was not used, or None)."""
+    runs = Path(out).resolve()
+    record = runs / _slug(model) / "corpus.json"
+    asked_flores = corpus == "flores" or (corpus is None and "trained" not in model_variants(model))
+    used = json.loads(record.read_text()) if record.is_file() and asked_flores else {}
+    part = (used.get("used") or [None])[0] or ("flores" if corpus == "flores" else "udhr" if corpus == "udhr"
+                                               else "heldout")
+    return {"MODEL": model, "RUNS": str(runs), "CORPUS": "flores" if part == "flores" else "demo",
+            "PART": part, "DTYPE": str(dtype), "DEVICE": device_map, "LANGS": langs,
+            "CORPUS_FALLBACK": used.get("fallback")}

@@ -84,3 +84,13 @@ class BrowserNotFoundError(MoERoutingError, RuntimeError):
     """No Chrome/Chromium for kaleido to render static images with (or for the report's browser checks)."""
 class InterventionError(CaptureError, ValueError):
     """An intervention (ablate / force / bias / where) cannot be applied faithfully to this model or input."""
+class DeviceUnavailableError(UsageError, SettingError):
+    """A device was asked for that this machine does not have (``--device cuda`` on a CPU-only machine)."""
+
+
+class ModelTooLargeError(SettingError, MemoryError):
+    """The model's weights need more memory than the chosen devices have; the text says how much of each."""
+
+
+class GatedDatasetError(CorpusError):
+    """A gated Hugging Face dataset (FLORES+) could not be read: its terms are not accepted or no login."""

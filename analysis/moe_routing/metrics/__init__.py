@@ -54,6 +54,7 @@ from .specialization import (
     top_tokens,
     vocabulary_specialization,
 )
+from .stability import routing_stability, stability_summary
 
 __all__ = [
     "TOKEN_TYPES",
@@ -108,3 +109,4 @@ __all__ = [
 from .language import conditional_label_mi, language_usage
 
 __all__ += ["conditional_label_mi", "language_usage"]
+__all__ += ["routing_stability", "stability_summary"]
