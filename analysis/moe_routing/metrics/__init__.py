@@ -11,7 +11,7 @@ Families: load (``load``), specialization and co-activation (``specialization``)
 causal checks by ablating experts and steering sets (``causal``).
 """
 
-from ._common import read_all
+from ._source import read_all
 from .causal import CausalClaim, ablation_effect, check_claim, expert_importance, steering_bias, steering_set
 from .contrast import contrast, contrast_summary, contrast_traces
 from .language import language_divergence, language_experts, reference_divergence, top_expert_overlap

@@ -16,25 +16,10 @@ import pandas as pd
 
 from ..errors import MetricError
 from ..trace import RoutingTrace
-from ._common import (
-    GroupedAccumulator,
-    Label,
-    TraceSource,
-    chunks,
-    entropy,
-    factorize,
-    fold,
-    grouped_counts_boot,
-    js_divergence,
-    label_name,
-    label_of,
-    permutation_tables,
-    poisson_weights,
-    quantiles,
-    safe_div,
-    token_blocks,
-    warn_small,
-)
+from ._bootstrap import grouped_counts_boot, poisson_weights, quantiles
+from ._counts import GroupedAccumulator, factorize, warn_small
+from ._source import Label, TraceSource, chunks, fold, label_name, label_of, token_blocks
+from ._stats import entropy, js_divergence, permutation_tables, safe_div
 from .load import usage_counts
 
 #: A coloured cell built from fewer routing slots than this is marked ``too_few`` (plots can mask it).
@@ -264,7 +249,7 @@ def _pair_units(lab: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
 
 def _reference_by_language(trace: TraceSource, label: Label, reference: Any, source: str, normalize: str,
                            n_boot: int, ci: float, seed: int, name: str) -> pd.DataFrame:
-    from ._common import BootstrapCounts
+    from ._bootstrap import BootstrapCounts
 
     def init(chunk: RoutingTrace) -> dict:
         return {"acc": GroupedAccumulator((1 + n_boot, chunk.num_layers, chunk.num_experts), np.float64),
@@ -359,7 +344,8 @@ def top_expert_overlap(
 def _boot_tokens(trace: TraceSource, label: Label, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(values [V], float64 [V, n_boot]): tokens per label value in each Poisson replicate over documents
     (the same weights as ``grouped_counts_boot`` with this seed)."""
-    from ._common import BootstrapCounts, label_codes
+    from ._bootstrap import BootstrapCounts
+    from ._counts import label_codes
 
     def init(chunk: RoutingTrace) -> dict:
         return {"acc": GroupedAccumulator((n_boot,), np.float64)}
@@ -562,7 +548,7 @@ def _mi_nats(a: np.ndarray, b: np.ndarray) -> float:
 
 def _expert_variable(chunk: RoutingTrace, expert: str) -> np.ndarray:
     """int64 ``[tokens, layers]``: the routing variable of each token (-1: no expert at that layer)."""
-    from ._common import top1 as top1_ids
+    from ._ranking import top1 as top1_ids
 
     if expert == "top1":
         return top1_ids(chunk).astype(np.int64)

@@ -1,6 +1,6 @@
 """Expert load: counts, balance statistics, the auxiliary load-balancing loss, load by position, capacity, placement.
 
-All functions take a ``RoutingTrace``, a trace directory or a list of chunks (see ``_common``) and stream it.
+All functions take a ``RoutingTrace``, a trace directory or a list of chunks (see ``_source``) and stream it.
 Counts include every non-empty slot of the top-k (``expert_ids != -1``) unless ``top1=True``.
 """
 
@@ -15,25 +15,20 @@ import pandas as pd
 
 from ..errors import MetricError
 from ..trace import RoutingTrace
-from ._common import (
-    GroupedAccumulator,
+from ._bootstrap import hash_uniform
+from ._counts import GroupedAccumulator, factorize, grouped_counts, label_codes, layer_expert_counts
+from ._ranking import sorted_ids, topk_ids
+from ._source import (
     Label,
     TraceSource,
     chunks,
-    factorize,
     fold,
-    grouped_counts,
-    hash_uniform,
-    label_codes,
     label_name,
-    layer_expert_counts,
     require_logits,
     require_weights,
-    safe_div,
-    sorted_ids,
     token_blocks,
-    topk_ids,
 )
+from ._stats import safe_div
 
 if TYPE_CHECKING:
     import xarray as xr

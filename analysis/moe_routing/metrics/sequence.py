@@ -15,29 +15,18 @@ import pandas as pd
 
 from ..errors import MetricError, TraceError
 from ..trace import RoutingTrace
-from ._common import (
-    BootstrapCounts,
+from ._bootstrap import BootstrapCounts, hash64, quantiles
+from ._counts import (
     GroupedAccumulator,
-    Label,
-    TraceSource,
-    chunks,
-    entropy,
     factorize,
-    fold,
     grouped_counts,
-    hash64,
     label_codes,
-    label_name,
     layer_expert_counts,
-    quantiles,
-    random_pair_overlap,
-    safe_div,
-    top1,
-    top2,
-    topk_ids,
     warn_small,
 )
-from .specialization import _nmi_tables
+from ._ranking import top1, top2, topk_ids
+from ._source import Label, TraceSource, chunks, fold, label_name
+from ._stats import entropy, nmi_tables, random_pair_overlap, safe_div
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -102,7 +91,7 @@ def transition_summary(trace: TraceSource, *, n_shuffles: int = 5, seed: int = 0
     """
     counts, first = _transition_counts(trace)
     # rows = next-layer expert so that nmi normalises by H(next)
-    out = _nmi_tables(counts.transpose(0, 2, 1), n_shuffles, seed)
+    out = nmi_tables(counts.transpose(0, 2, 1), n_shuffles, seed)
     h_next = out.pop("h_label_bits")
     mi = out.pop("mi_bits")
     return pd.DataFrame({"layer": list(first.layers[:-1]), "next_layer": list(first.layers[1:]),
