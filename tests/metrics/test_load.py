@@ -256,8 +256,10 @@ def test_expert_placement_frame():
 
 def test_usage_counts_is_an_xarray_with_named_dims(trace):
     c = mr.metrics.usage_counts(trace, "lang")
-    assert c.dims == ("value", "layer", "expert")
+    # issue 15: the label dimension is named after the label; ``value`` stays as a deprecated coordinate
+    assert c.dims == ("lang", "layer", "expert")
     assert list(c.coords["layer"].values) == list(trace.layers)
-    assert sorted(c.coords["value"].values.tolist()) == ["de", "en", "ja"]
+    assert sorted(c.coords["lang"].values.tolist()) == ["de", "en", "ja"]
+    assert c.coords["value"].values.tolist() == c.coords["lang"].values.tolist()
     assert int(c.sum()) == int((trace.expert_ids >= 0).sum())
     assert c.attrs["tokens"].sum() == trace.num_tokens

@@ -16,14 +16,22 @@ import pandas as pd
 from ..errors import MetricError
 from ..trace import RoutingTrace
 from ._bootstrap import hash_uniform
-from ._counts import GroupedAccumulator, factorize, grouped_counts, label_codes, layer_expert_counts
-from ._ranking import sorted_ids, topk_ids
+from ._counts import (
+    GroupedAccumulator,
+    factorize,
+    grouped_counts,
+    label_codes,
+    layer_expert_counts,
+    weighted_counts,
+)
+from ._ranking import sorted_ids, sorted_slots, topk_ids
 from ._source import (
     Label,
     TraceSource,
     chunks,
     fold,
     label_name,
+    needs,
     require_logits,
     require_weights,
     token_blocks,
@@ -47,6 +55,43 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- primitive
+def _usage(trace: TraceSource, label: Label | None, k: int | None, *, counts: bool, weights: bool
+           ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray, RoutingTrace]:
+    """One pass: slot counts and / or summed weights per (label value,) layer and expert.
+
+    Returns ``({"count": [V, L, E] int64, "weight": [V, L, E] float64}, values [V] or None, tokens [V] or [],
+    first chunk)``; without a label V = 1.
+    """
+
+    def init(chunk: RoutingTrace) -> dict:
+        if weights:
+            require_weights(chunk, "usage_counts(weighted=True)")
+        shape = (chunk.num_layers, chunk.num_experts)
+        return {"count": GroupedAccumulator(shape, np.int64), "weight": GroupedAccumulator(shape, np.float64),
+                "tok": GroupedAccumulator((), np.int64)}
+
+    def update(state: dict, chunk: RoutingTrace) -> None:
+        e = chunk.num_experts
+        codes, values = label_codes(chunk, label)
+        if weights:
+            ids_w, w = sorted_slots(chunk, k)
+            state["weight"].add(values, weighted_counts(ids_w, w, e, codes, len(values)))
+        if counts:
+            ids = topk_ids(chunk, k)
+            c = layer_expert_counts(ids, e)[None] if label is None else grouped_counts(codes, len(values), ids, e)
+            state["count"].add(values, c)
+        state["tok"].add(values, np.bincount(codes, minlength=len(values)))
+
+    state, first = fold(trace, init, update, columns=needs(label, weights=weights or k is not None))
+    out = {}
+    values = None
+    for key, wanted in (("count", counts), ("weight", weights)):
+        if wanted:
+            values, out[key] = state[key].result()
+    _, tokens = state["tok"].result()
+    return out, values, tokens, first
+
+
 def usage_counts(
     trace: TraceSource,
     label: Label | None = None,
@@ -57,73 +102,39 @@ def usage_counts(
 ) -> xr.DataArray:
     """Slot counts per (label value,) layer and expert: the count tensor most metrics are built on.
 
-    Returns an ``xarray.DataArray`` with dims ``(layer, expert)``, or ``(value, layer, expert)`` when ``label``
-    is given (a label name or a function of a chunk returning ``[tokens]`` values). Coordinates: ``layer`` =
-    decoder-layer indices, ``value`` = label values (sorted). ``attrs``: ``tokens`` (tokens per value, or in
+    Returns an ``xarray.DataArray`` with dims ``(layer, expert)``, or ``(<label>, layer, expert)`` when ``label``
+    is given (a label name or a function of a chunk returning ``[tokens]`` values; the dimension is named after
+    the label, e.g. ``lang``). Coordinates: ``layer`` = decoder-layer indices, ``<label>`` = label values
+    (sorted), also under the old name ``value`` (deprecated). ``attrs``: ``tokens`` (tokens per value, or in
     all), ``top_k`` (slots counted per token), ``num_experts``, ``label``.
 
     ``top1=True`` counts only the largest-weight slot; ``k`` counts the first ``k`` slots by weight;
     ``weighted=True`` sums routing weights instead of counting (raises ``MetricError`` without weights).
     """
-    if top1:
-        k = 1
-
-    def init(chunk: RoutingTrace) -> dict:
-        if weighted:
-            require_weights(chunk, "usage_counts(weighted=True)")
-        shape = (chunk.num_layers, chunk.num_experts)
-        dtype = np.float64 if weighted else np.int64
-        return {"acc": GroupedAccumulator(shape, dtype), "tok": GroupedAccumulator((), np.int64),
-                "total": np.zeros(shape, dtype), "n": 0}
-
-    def update(state: dict, chunk: RoutingTrace) -> None:
-        e = chunk.num_experts
-        codes, values = label_codes(chunk, label)
-        if weighted:
-            ids, w = _sorted_slots(chunk, k)
-            counts = _weighted_counts(ids, w, e, codes, len(values))
-        else:
-            ids = topk_ids(chunk, k)
-            counts = layer_expert_counts(ids, e)[None] if label is None else grouped_counts(codes, len(values), ids, e)
-        if label is None:
-            state["total"] += counts[0]
-            state["n"] += chunk.num_tokens
-        else:
-            state["acc"].add(values, counts)
-            state["tok"].add(values, np.bincount(codes, minlength=len(values)))
-
     import xarray as xr
 
-    state, first = fold(trace, init, update)
+    if top1:
+        k = 1
+    key = "weight" if weighted else "count"
+    arrays, values, tokens, first = _usage(trace, label, k, counts=not weighted, weights=weighted)
     layers = list(first.layers)
     experts = np.arange(first.num_experts)
     slots = first.top_k if k is None else min(k, first.top_k)
     attrs = {"top_k": slots, "num_experts": first.num_experts, "label": None if label is None else label_name(label)}
     if label is None:
-        return xr.DataArray(state["total"], dims=("layer", "expert"), coords={"layer": layers, "expert": experts},
-                            attrs={**attrs, "tokens": int(state["n"])}, name="count")
-    values, counts = state["acc"].result()
-    _, tokens = state["tok"].result()
-    return xr.DataArray(counts, dims=("value", "layer", "expert"),
-                        coords={"value": values, "layer": layers, "expert": experts},
+        return xr.DataArray(arrays[key][0], dims=("layer", "expert"), coords={"layer": layers, "expert": experts},
+                            attrs={**attrs, "tokens": int(tokens[0])}, name="count")
+    dim = label_dim(label)
+    return xr.DataArray(arrays[key], dims=(dim, "layer", "expert"),
+                        coords={dim: values, "value": (dim, values), "layer": layers, "expert": experts},
                         attrs={**attrs, "tokens": tokens}, name="count")
 
 
-def _sorted_slots(chunk: RoutingTrace, k: int | None) -> tuple[np.ndarray, np.ndarray]:
-    t = chunk.sorted_by_weight()
-    kk = t.top_k if k is None else min(k, t.top_k)
-    return t.expert_ids[:, :, :kk], t.weights[:, :, :kk]
-
-
-def _weighted_counts(ids: np.ndarray, w: np.ndarray, num_experts: int, codes: np.ndarray, n_values: int
-                     ) -> np.ndarray:
-    n_layers = ids.shape[1]
-    width = num_experts + 1
-    idx = ids.astype(np.intp) + (np.arange(n_layers, dtype=np.intp) * width + 1)[None, :, None]
-    idx += (codes * n_layers * width)[:, None, None]
-    weights = np.where(ids >= 0, np.nan_to_num(w), 0.0).astype(np.float64)
-    out = np.bincount(idx.ravel(), weights=weights.ravel(), minlength=n_values * n_layers * width)
-    return out.reshape(n_values, n_layers, width)[:, :, 1:]
+def label_dim(label: Label) -> str:
+    """The dimension name of a label in xarray outputs: its name, unless that clashes with ``layer`` / ``expert``
+    (then ``<name>_value``)."""
+    name = label_name(label)
+    return f"{name}_value" if name in ("layer", "expert", "value") else name
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -135,15 +146,16 @@ def expert_load(trace: TraceSource, *, top1: bool = False, weighted: bool = Fals
     layer), ``load_ratio`` = count / (total / num_experts) = utilisation vs the ideal balanced load (1.0 is
     ideal; NeMo/Megatron "utilisation"), ``dead`` = count == 0. ``weighted=True`` adds ``weight`` (sum of the
     routing weights, "importance") and ``weight_share``. One row per (layer, expert), ``layers x experts`` rows.
+    One pass over the trace (counts and weights together).
 
     Baseline: uniform routing gives share = 1/num_experts and load_ratio = 1.
     """
-    counts = usage_counts(trace, top1=top1)
-    c = counts.values
+    arrays, _, _, first = _usage(trace, None, 1 if top1 else None, counts=True, weights=weighted)
+    c = arrays["count"][0]
     n_layers, e = c.shape
     total = c.sum(axis=1, keepdims=True)
     df = pd.DataFrame({
-        "layer": np.repeat(counts.coords["layer"].values, e),
+        "layer": np.repeat(np.asarray(first.layers), e),
         "expert": np.tile(np.arange(e), n_layers),
         "count": c.ravel(),
         "share": safe_div(c, total).ravel(),
@@ -151,7 +163,7 @@ def expert_load(trace: TraceSource, *, top1: bool = False, weighted: bool = Fals
         "dead": (c == 0).ravel(),
     })
     if weighted:
-        w = usage_counts(trace, top1=top1, weighted=True).values
+        w = arrays["weight"][0]
         df["weight"] = w.ravel()
         df["weight_share"] = safe_div(w, w.sum(axis=1, keepdims=True)).ravel()
     return df
