@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import MetricError
 from ..trace import RoutingTrace
-from ._bootstrap import hash_uniform
+from ._bootstrap import _splitmix, hash64, hash_uniform
 from ._counts import (
     GroupedAccumulator,
     factorize,
@@ -354,34 +354,59 @@ def load_by_position(
 
 
 # ---------------------------------------------------------------------------------------------- capacity
+def _cumcount(g: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """int64 ``[m]``: how many earlier elements share (g, e); ``g`` non-decreasing, ``e`` small ints.
+
+    One stable (radix, for int16) sort by ``e``: inside an ``e`` block positions keep their order, so ``g`` runs
+    are contiguous there and the count is the distance to the start of the (e, g) run.
+    """
+    m = len(e)
+    order = np.argsort(e, kind="stable")
+    se, sg = e[order], g[order]
+    start = np.ones(m, dtype=bool)
+    start[1:] = (se[1:] != se[:-1]) | (sg[1:] != sg[:-1])
+    idx = np.arange(m)
+    first = np.maximum.accumulate(np.where(start, idx, 0))
+    out = np.empty(m, dtype=np.int64)
+    out[order] = idx - first
+    return out
+
+
 def _queue_rank(group: np.ndarray, ids: np.ndarray, num_experts: int, priority: str) -> np.ndarray:
     """int64 ``[tokens, layers, k]``: rank of each slot in its (group, layer, expert) queue; -1 for empty slots.
 
     ``ids`` has slots sorted by weight, ``group`` is ``[tokens]``. ``priority="slot"`` serves all first choices of
     a group (in token order) before its second choices (GShard/Switch); ``"token"`` serves tokens in order.
+    Works layer by layer (and slot by slot) on ``[tokens]`` columns with radix sorts of the int16 ids, never a
+    sort of ``tokens x layers x k`` keys.
     """
-    n_layers = ids.shape[1]
+    n, n_layers, k = ids.shape
+    group = np.asarray(group, dtype=np.int64)
+    order = None
+    if n > 1 and np.any(group[1:] < group[:-1]):  # make groups contiguous; the stable sort keeps service order
+        order = np.argsort(group, kind="stable")
+        group, ids = group[order], ids[order]
+    n_groups = int(group.max()) + 1 if n else 0
+    width = num_experts + 1
+    rank = np.empty((n, n_layers, k), dtype=np.int64)
     if priority == "slot":
-        arr = ids.transpose(2, 0, 1)  # [k, tokens, layers]: the flat order is the service order
-        g = group[None, :, None]
-        layer = np.arange(n_layers)[None, None, :]
+        for li in range(n_layers):
+            served = np.zeros(n_groups * width, dtype=np.int64)  # slots already queued per (group, expert)
+            for s in range(k):
+                e = ids[:, li, s]
+                key = group * width + e.astype(np.int64) + 1
+                rank[:, li, s] = _cumcount(group, e) + served[key]
+                served += np.bincount(key, minlength=n_groups * width)
     else:
-        arr = ids
-        g = group[:, None, None]
-        layer = np.arange(n_layers)[None, :, None]
-    flat = arr.astype(np.int64)
-    key = ((g.astype(np.int64) * n_layers + layer) * (num_experts + 1) + flat + 1).reshape(-1)
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    m = len(sk)
-    starts = np.ones(m, dtype=bool)
-    starts[1:] = sk[1:] != sk[:-1]
-    first = np.maximum.accumulate(np.where(starts, np.arange(m), 0))
-    rank = np.empty(m, dtype=np.int64)
-    rank[order] = np.arange(m) - first
-    rank = rank.reshape(arr.shape)
-    rank[flat < 0] = -1
-    return rank.transpose(1, 2, 0) if priority == "slot" else rank
+        g_rep = np.repeat(group, k)
+        for li in range(n_layers):
+            rank[:, li, :] = _cumcount(g_rep, np.ascontiguousarray(ids[:, li, :]).reshape(-1)).reshape(n, k)
+    rank[ids < 0] = -1
+    if order is not None:
+        out = np.empty_like(rank)
+        out[order] = rank
+        return out
+    return rank
 
 
 def _random_topk(shape: tuple[int, int], num_experts: int, k: int, seed: int, keys: tuple[np.ndarray, ...]
@@ -389,22 +414,35 @@ def _random_topk(shape: tuple[int, int], num_experts: int, k: int, seed: int, ke
     """int16 ``[tokens, layers, k]``: k distinct uniformly random experts per (token, layer).
 
     Drawn by hashing per-token ``keys`` (doc id, position), so the draw does not depend on how the trace is
-    chunked. Loops over slots and rare redraws, never over tokens.
+    chunked: slot ``s`` takes ``hash_uniform(seed, *keys, layer, s, attempt)`` at the first ``attempt`` that
+    differs from the earlier slots. The hash chain is shared across slots and attempts, and redraws touch only
+    the colliding entries (loops over slots and rare redraws, never over tokens).
     """
     n, n_layers = shape
     out = np.empty((n, n_layers, k), dtype=np.int64)
     layer = np.arange(n_layers)[None, :]
-    cols = tuple(np.asarray(key)[:, None] for key in keys)
+    h = hash64(seed, *(np.asarray(key)[:, None] for key in keys), layer)  # [n, L]: the chain up to the layer
+    h = np.broadcast_to(h, (n, n_layers))
+
+    def draw(base: np.ndarray, attempt: int) -> np.ndarray:
+        u = (_splitmix(base ^ np.uint64(attempt)) >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+        return np.minimum((u * num_experts).astype(np.int64), num_experts - 1)
+
     for s in range(k):
-        cur = np.zeros((n, n_layers), dtype=np.int64)
-        todo = np.ones((n, n_layers), dtype=bool)
-        attempt = 0
+        hs = _splitmix(h ^ np.uint64(s))
+        cur = draw(hs, 0)
+        todo = np.zeros((n, n_layers), dtype=bool)
+        for prev in range(s):
+            todo |= cur == out[:, :, prev]
+        attempt = 1
         while todo.any():
-            u = hash_uniform(seed, *cols, layer, s, attempt)
-            cur = np.where(todo, np.minimum((u * num_experts).astype(np.int64), num_experts - 1), cur)
-            todo = np.zeros_like(todo)
+            where = np.nonzero(todo)
+            redraw = draw(hs[where], attempt)
+            cur[where] = redraw
+            clash = np.zeros(len(redraw), dtype=bool)
             for prev in range(s):
-                todo |= cur == out[:, :, prev]
+                clash |= redraw == out[:, :, prev][where]
+            todo[where] = clash
             attempt += 1
         out[:, :, s] = cur
     return out.astype(np.int16)
