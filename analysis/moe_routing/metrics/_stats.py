@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 __all__ = ["entropy", "js_divergence", "js_floor", "mutual_information", "nmi_tables", "permutation_tables",
-           "random_pair_overlap", "safe_div", "softmax"]
+           "random_pair_overlap", "safe_div", "shuffled_pair_tables", "softmax"]
 
 
 def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -117,16 +117,35 @@ def nmi_tables(tables: np.ndarray, n_shuffles: int, seed: int) -> dict[str, np.n
             "tokens": tables.sum(axis=(1, 2)).astype(np.int64)}
 
 
+def shuffled_pair_tables(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two count rows ``a, b`` ``[..., E]`` (any batch shape) redrawn as if their units' condition were shuffled.
+
+    Keeps the column totals ``a + b`` and the row totals: row ``a`` is multivariate-hypergeometric, drawn column
+    by column (``rng.hypergeometric`` on the whole batch: a loop over the E columns, never over rows). The same
+    distribution as :func:`permutation_tables` of the 2-row table.
+    """
+    c = np.asarray(a, dtype=np.int64) + np.asarray(b, dtype=np.int64)
+    left = np.asarray(a, dtype=np.int64).sum(axis=-1)  # slots of row a still to place
+    rest = c.sum(axis=-1)  # units not yet placed
+    x = np.zeros_like(c)
+    for e in range(c.shape[-1] - 1):
+        ce = c[..., e]
+        rest = rest - ce
+        x[..., e] = rng.hypergeometric(ce, rest, left)
+        left = left - x[..., e]
+    x[..., -1] = left
+    return x, c - x
+
+
 def js_floor(a: np.ndarray, b: np.ndarray, n_shuffles: int, rng: np.random.Generator) -> np.ndarray:
-    """float64 ``[layers]``: mean JS divergence (bits) between two count rows ``a, b`` ``[layers, E]`` after
-    shuffling the condition over their units (tables drawn from the margins), over ``n_shuffles`` draws; NaN
-    when ``n_shuffles`` is 0. Draws go shuffle by shuffle, layer by layer (one ``rng`` stream)."""
-    n_layers = a.shape[0]
+    """The shuffled-condition floor of a JS divergence: mean JS (bits) between count rows ``a, b`` ``[..., E]``
+    after shuffling the condition over their units (:func:`shuffled_pair_tables`), over ``n_shuffles`` draws;
+    shape ``a.shape[:-1]``, NaN when ``n_shuffles`` is 0. The divergence finite samples show without any effect:
+    read (or subtract) a JS against it."""
     if not n_shuffles:
-        return np.full(n_layers, np.nan)
-    draws = np.zeros((n_shuffles, n_layers))
-    for s in range(n_shuffles):
-        for li in range(n_layers):
-            t = permutation_tables(np.stack([a[li], b[li]]).astype(np.int64), rng)
-            draws[s, li] = js_divergence(t[0], t[1])
-    return draws.mean(axis=0)
+        return np.full(np.shape(a)[:-1], np.nan)
+    total = np.zeros(np.shape(a)[:-1])
+    for _ in range(n_shuffles):
+        x, y = shuffled_pair_tables(a, b, rng)
+        total += js_divergence(x, y)
+    return total / n_shuffles

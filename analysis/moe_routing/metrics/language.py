@@ -19,7 +19,7 @@ from ..trace import RoutingTrace
 from ._bootstrap import grouped_counts_boot, poisson_weights, quantiles
 from ._counts import GroupedAccumulator, factorize, warn_small
 from ._source import Label, TraceSource, chunks, fold, label_name, label_of, token_blocks
-from ._stats import entropy, js_divergence, permutation_tables, safe_div
+from ._stats import entropy, js_divergence, js_floor, safe_div
 from .load import usage_counts
 
 #: A coloured cell built from fewer routing slots than this is marked ``too_few`` (plots can mask it).
@@ -56,25 +56,39 @@ def language_divergence(
     if len(values) < 2:
         raise MetricError(f"label {label_name(label)!r} has a single value here; a divergence needs two.")
     rng = np.random.default_rng(seed)
-    rows = []
-    for i, j in itertools.combinations(range(len(values)), 2):  # a loop over pairs of languages
-        js = js_divergence(counts[i], counts[j])  # [L]
-        lo, hi = quantiles(js_divergence(boot[i], boot[j]), ci) if n_boot else (np.nan * js, np.nan * js)
-        floor = np.full(len(js), np.nan)
+    ii, jj = np.triu_indices(len(values), 1)  # every pair a < b, in the order itertools.combinations gives
+    n_layers, e = counts.shape[1:]
+    n_pairs = len(ii)
+    js = np.empty((n_pairs, n_layers))
+    lo = np.full((n_pairs, n_layers), np.nan)
+    hi = np.full((n_pairs, n_layers), np.nan)
+    floor = np.full((n_pairs, n_layers), np.nan)
+    # pairs in blocks: temporaries of about 2**22 cells whatever the number of languages (vectorised over pairs)
+    per_pair = n_layers * e * max(1, n_boot)
+    step = max(1, (1 << 22) // per_pair)
+    for start in range(0, n_pairs, step):
+        a, b = ii[start:start + step], jj[start:start + step]
+        js[start:start + step] = js_divergence(counts[a], counts[b])
+        if n_boot:
+            lo_b, hi_b = quantiles(js_divergence(boot[a], boot[b]).transpose(1, 0, 2), ci)  # [pairs, L] each
+            lo[start:start + step], hi[start:start + step] = lo_b, hi_b
         if n_shuffles:
-            draws = np.zeros((n_shuffles, len(js)))
-            for s in range(n_shuffles):
-                for li in range(len(js)):
-                    t = permutation_tables(np.stack([counts[i, li], counts[j, li]]).astype(np.int64), rng)
-                    draws[s, li] = js_divergence(t[0], t[1])
-            floor = draws.mean(axis=0)
-        slots_i, slots_j = counts[i].sum(axis=1), counts[j].sum(axis=1)  # [L]
-        for li, layer in enumerate(first.layers):
-            rows.append({"layer": layer, "a": values[i], "b": values[j], "js": js[li], "floor": floor[li],
-                         "ci_low": lo[li], "ci_high": hi[li], "slots_a": int(slots_i[li]),
-                         "slots_b": int(slots_j[li]), "tokens_a": int(tokens[i]), "tokens_b": int(tokens[j]),
-                         "too_few": bool(min(slots_i[li], slots_j[li]) < min_count)})
-    return pd.DataFrame(rows)
+            floor[start:start + step] = js_floor(counts[a], counts[b], n_shuffles, rng)
+    slots = counts.sum(axis=2)  # [V, L]
+    return pd.DataFrame({
+        "layer": np.tile(np.asarray(first.layers), n_pairs),
+        "a": np.repeat(values[ii], n_layers),
+        "b": np.repeat(values[jj], n_layers),
+        "js": js.ravel(),
+        "floor": floor.ravel(),
+        "ci_low": lo.ravel(),
+        "ci_high": hi.ravel(),
+        "slots_a": slots[ii].ravel().astype(np.int64),
+        "slots_b": slots[jj].ravel().astype(np.int64),
+        "tokens_a": np.repeat(np.asarray(tokens)[ii], n_layers).astype(np.int64),
+        "tokens_b": np.repeat(np.asarray(tokens)[jj], n_layers).astype(np.int64),
+        "too_few": (np.minimum(slots[ii], slots[jj]) < min_count).ravel(),
+    })
 
 
 # ---------------------------------------------------------------------------------------------- Bandarkar
