@@ -18,8 +18,8 @@ from ..errors import MetricError
 from ..trace import RoutingTrace
 from ._bootstrap import grouped_counts_boot, poisson_weights, quantiles
 from ._counts import GroupedAccumulator, factorize, warn_small
-from ._source import Label, TraceSource, chunks, fold, label_name, label_of, token_blocks
-from ._stats import entropy, js_divergence, js_floor, safe_div
+from ._source import Label, TraceSource, chunks, fold, label_name, label_of, needs, token_blocks
+from ._stats import entropy, js_divergence, js_floor, safe_div, softmax
 from .load import usage_counts
 
 #: A coloured cell built from fewer routing slots than this is marked ``too_few`` (plots can mask it).
@@ -112,38 +112,47 @@ def language_divergence(
 
 # ---------------------------------------------------------------------------------------------- Bandarkar
 def _unit_distributions(chunk: RoutingTrace, source: str, codes: np.ndarray, n_units: int) -> np.ndarray:
-    """float64 ``[units, layers, E]``: per unit (document x label), the summed routing distribution of its tokens."""
+    """float64 ``[units, layers, E]``: per unit (document x label), the summed routing distribution of its tokens.
+
+    Block by block over tokens (``token_blocks``): temporaries stay bounded whatever the chunk's size.
+    """
     n_layers, e = chunk.num_layers, chunk.num_experts
-    out = np.zeros((n_units, n_layers * e))
+    out = np.zeros(n_units * n_layers * e)
     if source == "logits":
+        from scipy import sparse
+
         logits = chunk.router_logits
         assert logits is not None
         for sl in token_blocks(chunk.num_tokens, n_layers * e, 1 << 20):
             # columns past num_experts are no experts (zaya's skip class): the softmax over the experts is the
             # router's distribution given the token is routed, as the "weights" and "counts" sources see it;
             # NaN pads a layer narrower than the widest (probability 0)
-            x = np.nan_to_num(logits[sl, :, :e].astype(np.float64), nan=-np.inf)
-            x -= x.max(axis=2, keepdims=True)
-            np.exp(x, out=x)
-            x /= x.sum(axis=2, keepdims=True)
-            # units are factorized, so a sparse one-hot keeps this a single product
-            from scipy import sparse
-
+            x = softmax(logits[sl, :, :e])
             c = codes[sl]
+            # units are factorized, so a sparse one-hot keeps this a single product
             onehot = sparse.csr_matrix((np.ones(len(c)), (c, np.arange(len(c)))), shape=(n_units, len(c)))
-            out += onehot @ x.reshape(len(c), n_layers * e)
+            out += (onehot @ x.reshape(len(c), n_layers * e)).ravel()
         return out.reshape(n_units, n_layers, e)
-    ids = chunk.expert_ids.astype(np.intp)
-    if source == "weights":
-        w = np.where(ids >= 0, np.nan_to_num(chunk.weights), 0.0).astype(np.float64)
-        w = w / np.where(w.sum(axis=2, keepdims=True) > 0, w.sum(axis=2, keepdims=True), 1.0)
-    else:  # counts: each routed slot weighs 1 / (routed slots of the token at that layer)
-        routed = (ids >= 0).sum(axis=2, keepdims=True)
-        w = np.where(ids >= 0, 1.0 / np.maximum(routed, 1), 0.0)
-    cell = (codes[:, None, None] * n_layers + np.arange(n_layers)[None, :, None]) * e + np.maximum(ids, 0)
-    ok = ids >= 0
-    out = np.bincount(cell[ok], weights=w[ok], minlength=n_units * n_layers * e)
+    k = chunk.top_k
+    layer_cell = (np.arange(n_layers, dtype=np.intp) * e)[None, :, None]
+    for sl in token_blocks(chunk.num_tokens, n_layers * k, n_units * n_layers * e):
+        ids = chunk.expert_ids[sl].astype(np.intp)
+        ok = ids >= 0
+        if source == "weights":
+            w = np.where(ok, np.nan_to_num(chunk.weights[sl]), 0.0).astype(np.float64)
+            total = w.sum(axis=2, keepdims=True)
+            w = w / np.where(total > 0, total, 1.0)
+        else:  # counts: each routed slot weighs 1 / (routed slots of the token at that layer)
+            routed = ok.sum(axis=2, keepdims=True)
+            w = np.where(ok, 1.0 / np.maximum(routed, 1), 0.0)
+        cell = (codes[sl] * (n_layers * e))[:, None, None] + layer_cell + np.maximum(ids, 0)
+        out += np.bincount(cell[ok], weights=w[ok], minlength=n_units * n_layers * e)
     return out.reshape(n_units, n_layers, e)
+
+
+def _reference_columns(label: Label, pair_label: str | None, source: str) -> frozenset[str] | None:
+    """What ``reference_divergence`` reads: the labels, and weights / logits as ``source`` may use them."""
+    return needs(label, pair_label, weights=source in ("auto", "weights"), logits=source in ("auto", "logits"))
 
 
 def _choose_source(chunk: RoutingTrace, source: str) -> str:
@@ -219,7 +228,8 @@ def reference_divergence(
         n = np.bincount(codes, minlength=len(pairs)).astype(np.float64)
         state["acc"].add(pairs, dist / n[:, None, None])
 
-    ref_state, first = fold(trace, collect_ref_init, collect_ref)
+    cols = _reference_columns(label, pair_label, source)
+    ref_state, first = fold(trace, collect_ref_init, collect_ref, columns=cols)
     ref_pairs, ref_q = ref_state["acc"].result()
     if len(ref_pairs) == 0:
         raise MetricError(f"no token has {name} == {reference!r}: the reference language is missing.")
@@ -255,7 +265,7 @@ def reference_divergence(
             state["js"].setdefault(v, []).append(j)
             state["ent"].setdefault(v, []).append(h)
 
-    state, _ = fold(trace, init, update)
+    state, _ = fold(trace, init, update, columns=cols)
     rng = np.random.default_rng(seed)
     rows = []
     for v in sorted(state["div"], key=str):
@@ -312,7 +322,7 @@ def _reference_by_language(trace: TraceSource, label: Label, reference: Any, sou
         np.add.at(ent_sum[:, 1], lcodes, 1.0)
         state["ent"].add(values, ent_sum)
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=_reference_columns(label, None, source))
     values, acc = state["acc"].result()
     _, ent = state["ent"].result()
     where = [i for i, v in enumerate(values.tolist()) if v == reference]
@@ -389,7 +399,7 @@ def _boot_tokens(trace: TraceSource, label: Label, n_boot: int, seed: int) -> tu
         bc.add(chunk.doc_ids, codes)
         state["acc"].add(values, bc.boot.T)
 
-    state, _ = fold(trace, init, update)
+    state, _ = fold(trace, init, update, columns=needs(label))
     return state["acc"].result()
 
 
@@ -659,7 +669,8 @@ def conditional_label_mi(
     parts: dict[str, list[np.ndarray]] = {"lab": [], "giv": [], "doc": [], "x": []}
     first: RoutingTrace | None = None
     n_valid_given = 0
-    for chunk in chunks(trace, layers=layers):
+    cols = needs(label, None if given == "token_id" else given, weights=expert == "top1", tokens=True)
+    for chunk in chunks(trace, layers=layers, columns=cols):
         first = first or chunk
         lab = label_of(chunk, label)
         giv, ok = _given_of(chunk, given)

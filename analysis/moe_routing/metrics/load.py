@@ -253,7 +253,7 @@ def _aux_accumulate(trace: TraceSource, selection: str) -> tuple[np.ndarray, np.
             state["f"] += layer_expert_counts(sel, e)
         state["n"] += chunk.num_tokens
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(logits=True))
     return state["f"], state["p"], np.asarray(first.layers), state["n"], list(first.layers), first.top_k
 
 
@@ -478,7 +478,7 @@ def _capacity_groups(source: TraceSource, group: str | int, group_size: int | No
     chunk, so streamed and in-memory results agree.
     """
     if group == "doc":
-        for chunk in chunks(source):
+        for chunk in chunks(source, columns=needs(weights=True)):
             doc_code, _ = factorize(chunk.doc_ids)
             if group_size is None:
                 yield chunk, doc_code
@@ -488,7 +488,7 @@ def _capacity_groups(source: TraceSource, group: str | int, group_size: int | No
         return
     carry: RoutingTrace | None = None  # the unfinished last group, always starting at a group boundary
     tokens_before = 0  # tokens of the stream before `cur` (int groups)
-    for chunk in chunks(source):
+    for chunk in chunks(source, columns=needs(weights=True)):
         cur = chunk if carry is None else RoutingTrace.concat([carry, chunk])
         if group == "batch":
             assert batch_size is not None

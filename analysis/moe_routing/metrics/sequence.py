@@ -25,7 +25,7 @@ from ._counts import (
     warn_small,
 )
 from ._ranking import top1, top2, topk_ids
-from ._source import Label, TraceSource, chunks, fold, label_name
+from ._source import Label, TraceSource, chunks, fold, label_name, needs
 from ._stats import entropy, nmi_tables, random_pair_overlap, safe_div
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def _transition_counts(trace: TraceSource) -> tuple[np.ndarray, RoutingTrace]:
         key = np.where((a >= 0) & (b >= 0), (np.arange(n_layers - 1)[None, :] * e + a) * e + b, sentinel)
         state += np.bincount(key.ravel(), minlength=sentinel + 1)[:sentinel]
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(weights=True))
     e = first.num_experts
     return state.reshape(first.num_layers - 1, e, e), first
 
@@ -136,7 +136,7 @@ def path_entropy(trace: TraceSource, *, depth: int | None = None) -> pd.DataFram
             state["single"][li] += np.bincount(t1[ok[:, li], li], minlength=e)
         state["n"] += chunk.num_tokens
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(weights=True))
     d, e = state["d"], first.num_experts
     h_single = entropy(state["single"], axis=1) / math.log(2)
     rows = []
@@ -236,7 +236,7 @@ def consecutive_same_expert(
                 boots[vi] = bc.boot.reshape(n_boot, 3, n_layers)
             state["boot"].add(values, boots)
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(by, weights=True))
     values, acc = state["acc"].result()
     _, tokens = state["tok"].result()
     if by is not None:
@@ -271,7 +271,8 @@ def consecutive_same_expert(
 # ---------------------------------------------------------------------------------------------- agreement
 def _aligned(a: TraceSource, b: TraceSource) -> Iterator[tuple[RoutingTrace, RoutingTrace]]:
     """Pairs of equally long chunks of two traces of the same tokens, whatever their sharding."""
-    it_a, it_b = iter(chunks(a)), iter(chunks(b))
+    cols = needs(weights=True, tokens=True)
+    it_a, it_b = iter(chunks(a, columns=cols)), iter(chunks(b, columns=cols))
     buf_a: RoutingTrace | None = None
     buf_b: RoutingTrace | None = None
     while True:

@@ -18,7 +18,7 @@ from ..trace import RoutingTrace
 from ._bootstrap import grouped_counts_boot, quantiles
 from ._counts import factorize, warn_small
 from ._ranking import top1, topk_ids
-from ._source import Label, TraceSource, fold, label_name, label_of, read_all
+from ._source import Label, TraceSource, fold, label_name, label_of, needs, read_all
 from ._stats import entropy, mutual_information, nmi_tables, safe_div
 from .load import usage_counts
 
@@ -179,7 +179,8 @@ def _token_expert_table(trace: TraceSource, k: int | None, target: str, layers: 
             nz = np.flatnonzero(cnt)
             state["parts"][li].append((uniq[nz // e].astype(np.int64) * e + nz % e, cnt[nz]))
 
-    state, first = fold(trace, init, update, layers=layers)
+    label_target = None if target in ("input", "next") else target
+    state, first = fold(trace, init, update, layers=layers, columns=needs(label_target, weights=k is not None, tokens=True))
     tables = [_merge(parts) for parts in state["parts"]]
     occ_keys, occ_counts = _merge([(u.astype(np.int64), c) for u, c in state["occ"]])
     keep = occ_keys >= 0
