@@ -46,7 +46,7 @@ def _reader(source: Any) -> TraceReader | None:
     if isinstance(source, TraceReader):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return TraceReader(source)
+        return TraceReader(os.fspath(source))
     return None
 
 
@@ -56,7 +56,7 @@ def as_source(source: TraceSource, **reader_options: Any) -> TraceSource:
     if isinstance(source, (str, os.PathLike)):
         from ..store import TraceReader
 
-        return TraceReader(source, **reader_options)
+        return TraceReader(os.fspath(source), **reader_options)
     return source
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,10 @@ from ._counts import GroupedAccumulator, factorize, warn_small
 from ._source import Label, TraceSource, chunks, fold, label_name, label_of, needs, token_blocks
 from ._stats import entropy, js_divergence, js_floor, safe_div, softmax
 from .load import usage_counts
+
+DistributionSource = Literal["auto", "logits", "weights", "counts"]
+Normalize = Literal["entropy", "none"]
+ExpertVariable = Literal["top1", "slot0", "set"]
 
 #: A coloured cell built from fewer routing slots than this is marked ``too_few`` (plots can mask it).
 MIN_CELL_SLOTS = 20
@@ -171,7 +175,7 @@ def _choose_source(chunk: RoutingTrace, source: str) -> str:
     return source
 
 
-def _normalised(js: np.ndarray, hp: np.ndarray, hq: np.ndarray, normalize: str) -> np.ndarray:
+def _normalised(js: np.ndarray, hp: np.ndarray, hq: np.ndarray, normalize: Normalize) -> np.ndarray:
     if normalize == "none":
         return js
     if normalize == "entropy":
@@ -185,8 +189,8 @@ def reference_divergence(
     reference: Any = "en",
     *,
     pair_label: str | None = None,
-    source: str = "auto",
-    normalize: str = "entropy",
+    source: DistributionSource = "auto",
+    normalize: Normalize = "entropy",
     n_boot: int = 200,
     ci: float = 0.95,
     seed: int = 0,
@@ -290,7 +294,7 @@ def _pair_units(lab: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
     return doc_ids.astype(np.int64) * (int(lcodes.max()) + 1 if len(lcodes) else 1) + lcodes
 
 
-def _reference_by_language(trace: TraceSource, label: Label, reference: Any, source: str, normalize: str,
+def _reference_by_language(trace: TraceSource, label: Label, reference: Any, source: DistributionSource, normalize: Normalize,
                            n_boot: int, ci: float, seed: int, name: str) -> pd.DataFrame:
     from ._bootstrap import BootstrapCounts
 
@@ -457,7 +461,7 @@ def language_experts(
         "layer": np.repeat(layer_values, e),
         "expert": np.tile(np.arange(e), n_layers),
         "kind": kind.ravel(),
-        name: np.where(kind == "specific", values[best].astype(object), None).ravel(),
+        name: np.asarray(np.where(kind == "specific", values[best].astype(object), None)).ravel(),
         "margin": margin.ravel(),
         "min_freq": low.ravel(),
         "max_freq": top.ravel(),
@@ -625,7 +629,7 @@ def conditional_label_mi(
     given: Label = "token_id",
     *,
     layers: list[int] | None = None,
-    expert: str = "top1",
+    expert: ExpertVariable = "top1",
     min_labels: int = 2,
     n_shuffles: int = 5,
     n_boot: int = 100,

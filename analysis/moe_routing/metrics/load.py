@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,10 @@ from ._stats import safe_div
 
 if TYPE_CHECKING:
     import xarray as xr
+
+Selection = Literal["logits", "trace"]
+Priority = Literal["slot", "token"]
+Group = Literal["doc", "batch"] | int
 
 __all__ = [
     "capacity_drop",
@@ -225,7 +229,7 @@ def load_balance(trace: TraceSource, *, top1: bool = False) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- aux loss
-def _aux_accumulate(trace: TraceSource, selection: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list[int], int]:
+def _aux_accumulate(trace: TraceSource, selection: Selection) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list[int], int]:
     if selection not in ("logits", "trace"):
         raise MetricError(f"selection must be 'logits' or 'trace', got {selection!r}.")
 
@@ -257,7 +261,7 @@ def _aux_accumulate(trace: TraceSource, selection: str) -> tuple[np.ndarray, np.
     return state["f"], state["p"], np.asarray(first.layers), state["n"], list(first.layers), first.top_k
 
 
-def load_balancing_loss(trace: TraceSource, *, selection: str = "logits") -> float:
+def load_balancing_loss(trace: TraceSource, *, selection: Selection = "logits") -> float:
     """The Switch/Mixtral auxiliary load-balancing loss over all MoE layers, as transformers computes it.
 
     ``E * sum_e f_e * P_e`` with, over all (token, layer) rows of the router logits ``[tokens, layers, E]``,
@@ -275,7 +279,7 @@ def load_balancing_loss(trace: TraceSource, *, selection: str = "logits") -> flo
     return float(e * np.sum((f.sum(axis=0) / rows) * (p.sum(axis=0) / rows)))
 
 
-def load_balancing_loss_by_layer(trace: TraceSource, *, selection: str = "logits") -> pd.DataFrame:
+def load_balancing_loss_by_layer(trace: TraceSource, *, selection: Selection = "logits") -> pd.DataFrame:
     """The auxiliary load-balancing loss of each MoE layer on its own.
 
     Columns: ``layer, aux_loss, balanced`` with aux_loss = E * sum_e f_e P_e over the layer's tokens
@@ -372,7 +376,7 @@ def _cumcount(g: np.ndarray, e: np.ndarray) -> np.ndarray:
     return out
 
 
-def _queue_rank(group: np.ndarray, ids: np.ndarray, num_experts: int, priority: str) -> np.ndarray:
+def _queue_rank(group: np.ndarray, ids: np.ndarray, num_experts: int, priority: Priority) -> np.ndarray:
     """int64 ``[tokens, layers, k]``: rank of each slot in its (group, layer, expert) queue; -1 for empty slots.
 
     ``ids`` has slots sorted by weight, ``group`` is ``[tokens]``. ``priority="slot"`` serves all first choices of
@@ -468,7 +472,7 @@ def _capture_batch_size(source: TraceSource) -> int | None:
     return None
 
 
-def _capacity_groups(source: TraceSource, group: str | int, group_size: int | None, batch_size: int | None
+def _capacity_groups(source: TraceSource, group: Group, group_size: int | None, batch_size: int | None
                      ) -> Iterator[tuple[RoutingTrace, np.ndarray]]:
     """``(chunk, group codes [tokens])`` with every group whole inside one yielded chunk.
 
@@ -515,10 +519,10 @@ def capacity_drop(
     trace: TraceSource,
     capacity_factors: Sequence[float] = (1.0, 1.25, 1.5, 2.0),
     *,
-    group: str | int = "doc",
+    group: Group = "doc",
     group_size: int | None = None,
     batch_size: int | None = None,
-    priority: str = "slot",
+    priority: Priority = "slot",
     min_capacity: int = 1,
     by_position: bool = False,
     bins: int | Sequence[int] | None = None,
@@ -720,7 +724,7 @@ def expert_placement(trace: TraceSource, num_devices: int, *, balanced: bool = T
             "max_over_mean_oracle": oracle[0], "max_over_mean_contiguous": contig[0],
             "balancedness_in_sample": ins[1], "balancedness_heldout": held[1],
             "balancedness_oracle": oracle[1], "balancedness_contiguous": contig[1],
-            "gain_heldout": float(safe_div(contig[0], held[0])),
+            "gain_heldout": float(safe_div(np.asarray(contig[0]), np.asarray(held[0]))),
             "fit_tokens": int(tokens[0]), "heldout_tokens": int(tokens[1]),
         })
     return pd.DataFrame(rows)

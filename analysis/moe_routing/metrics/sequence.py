@@ -240,7 +240,7 @@ def consecutive_same_expert(
     values, acc = state["acc"].result()
     _, tokens = state["tok"].result()
     if by is not None:
-        warn_small(by_name, values, tokens)
+        warn_small(label_name(by), values, tokens)
     e, k = first.num_experts, first.top_k
     pairs, s1, s2 = acc[:, 0, :, 0], acc[:, 1, :, 0], acc[:, 2, :, 0]
     p = safe_div(acc[:, 3], acc[:, 3].sum(axis=2, keepdims=True))

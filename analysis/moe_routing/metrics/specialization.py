@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -211,7 +211,7 @@ def vocabulary_specialization(
     per_token: bool = False,
     n_sim: int = 20,
     seed: int = 0,
-    preset: str = "default",
+    preset: Literal["default", "olmoe"] = "default",
 ) -> pd.DataFrame:
     """OLMoE vocabulary specialization: how consistently a token id goes to one expert.
 
@@ -425,7 +425,7 @@ def label_probe(
     label: Label,
     *,
     layers: Sequence[int] | None = None,
-    features: str = "topk",
+    features: Literal["topk", "top1"] = "topk",
     max_tokens: int | None = 200_000,
     test_size: float = 0.25,
     seed: int = 0,
