@@ -320,3 +320,18 @@ def test_random_topk_equals_the_per_slot_hash_definition():
         ref[:, :, s] = cur
     assert np.array_equal(got, ref)
     assert all(len(set(row)) == k for row in got.reshape(-1, k).tolist())
+
+
+def test_random_topk_is_distinct_uniform_and_chunk_free():
+    from moe_routing.metrics.load import _random_topk
+
+    docs = np.repeat(np.arange(200), 50)
+    pos = np.tile(np.arange(50), 200)
+    r = _random_topk((len(docs), 3), 8, 3, 0, (docs, pos))
+    assert r.shape == (10_000, 3, 3)
+    s = np.sort(r, axis=2)
+    assert (np.diff(s, axis=2) > 0).all()  # k distinct experts per (token, layer)
+    freq = np.bincount(r.ravel(), minlength=8) / r.size
+    assert np.allclose(freq, 1 / 8, atol=0.01)
+    half = _random_topk((5000, 3), 8, 3, 0, (docs[5000:], pos[5000:]))
+    assert np.array_equal(half, r[5000:])  # depends on (doc, position), not on the chunk
