@@ -25,7 +25,7 @@ from ._counts import (
     warn_small,
 )
 from ._ranking import top1, top2, topk_ids
-from ._source import Label, TraceSource, chunks, fold, label_name, needs
+from ._source import Label, TraceSource, chunks, fold, label_name, needs, token_blocks
 from ._stats import entropy, nmi_tables, random_pair_overlap, safe_div
 
 if TYPE_CHECKING:
@@ -52,11 +52,13 @@ def _transition_counts(trace: TraceSource) -> tuple[np.ndarray, RoutingTrace]:
 
     def update(state: np.ndarray, chunk: RoutingTrace) -> None:
         e, n_layers = chunk.num_experts, chunk.num_layers
-        t1 = top1(chunk).astype(np.intp)
-        a, b = t1[:, :-1], t1[:, 1:]
+        t1_all = top1(chunk)
         sentinel = (n_layers - 1) * e * e
-        key = np.where((a >= 0) & (b >= 0), (np.arange(n_layers - 1)[None, :] * e + a) * e + b, sentinel)
-        state += np.bincount(key.ravel(), minlength=sentinel + 1)[:sentinel]
+        for sl in token_blocks(chunk.num_tokens, n_layers, sentinel):  # bounded int64 temporaries
+            t1 = t1_all[sl].astype(np.intp)
+            a, b = t1[:, :-1], t1[:, 1:]
+            key = np.where((a >= 0) & (b >= 0), (np.arange(n_layers - 1)[None, :] * e + a) * e + b, sentinel)
+            state += np.bincount(key.ravel(), minlength=sentinel + 1)[:sentinel]
 
     state, first = fold(trace, init, update, columns=needs(weights=True))
     e = first.num_experts
