@@ -541,7 +541,7 @@ class TraceReader:
                 labels={k: table[k].to_numpy(zero_copy_only=False) for k in self.label_names if k in cols},
                 router_logits=logits,
                 model_name=self.model_name,
-                meta=dict(meta) if "weights" in cols else {**meta, "weights_read": False},
+                meta=dict(meta or {}) if "weights" in cols else {**(meta or {}), "weights_read": False},
             )
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise CorruptShardError(f"shard {shard} holds values that do not form a valid trace: {exc}") from exc
