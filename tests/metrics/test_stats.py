@@ -39,12 +39,10 @@ def test_shuffled_pair_tables_keep_margins_and_match_permutation_tables_in_distr
     np.testing.assert_allclose(xs.var(axis=0), ys.var(axis=0), rtol=0.15, atol=0.1)
 
 
-def test_js_floor_batches_like_single_pairs():
+def test_js_floor_is_positive_and_nan_without_shuffles():
     rng = np.random.default_rng(3)
-    a = rng.integers(0, 40, size=(5, 2, 6))
-    b = rng.integers(0, 40, size=(5, 2, 6))
+    a = rng.integers(0, 40, size=(2, 6))
+    b = rng.integers(0, 40, size=(2, 6))
     f = M.js_floor(a, b, 50, np.random.default_rng(0))
-    assert f.shape == (5, 2) and (f > 0).all()
-    one = M.js_floor(a[2], b[2], 400, np.random.default_rng(1))
-    np.testing.assert_allclose(f[2], one, rtol=0.35)
+    assert f.shape == (2,) and (f > 0).all()
     assert np.isnan(M.js_floor(a, b, 0, rng)).all()

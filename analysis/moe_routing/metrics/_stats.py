@@ -138,14 +138,18 @@ def shuffled_pair_tables(a: np.ndarray, b: np.ndarray, rng: np.random.Generator)
 
 
 def js_floor(a: np.ndarray, b: np.ndarray, n_shuffles: int, rng: np.random.Generator) -> np.ndarray:
-    """The shuffled-condition floor of a JS divergence: mean JS (bits) between count rows ``a, b`` ``[..., E]``
-    after shuffling the condition over their units (:func:`shuffled_pair_tables`), over ``n_shuffles`` draws;
-    shape ``a.shape[:-1]``, NaN when ``n_shuffles`` is 0. The divergence finite samples show without any effect:
-    read (or subtract) a JS against it."""
+    """The shuffled-condition floor of a JS divergence: mean JS (bits) between count rows ``a, b`` ``[layers, E]``
+    after shuffling the condition over their units (tables drawn from the margins by :func:`permutation_tables`),
+    over ``n_shuffles`` draws (shuffle by shuffle, layer by layer, one ``rng`` stream); ``[layers]``, NaN when
+    ``n_shuffles`` is 0. The divergence finite samples show without any effect: read (or subtract) a JS
+    against it. (:func:`shuffled_pair_tables` draws the same distribution batched, column by column: it is not
+    faster for many small tables, measured at 200 languages.)"""
+    n_layers = a.shape[0]
     if not n_shuffles:
-        return np.full(np.shape(a)[:-1], np.nan)
-    total = np.zeros(np.shape(a)[:-1])
-    for _ in range(n_shuffles):
-        x, y = shuffled_pair_tables(a, b, rng)
-        total += js_divergence(x, y)
-    return total / n_shuffles
+        return np.full(n_layers, np.nan)
+    draws = np.zeros((n_shuffles, n_layers))
+    for s in range(n_shuffles):
+        for li in range(n_layers):
+            t = permutation_tables(np.stack([a[li], b[li]]).astype(np.int64), rng)
+            draws[s, li] = js_divergence(t[0], t[1])
+    return draws.mean(axis=0)

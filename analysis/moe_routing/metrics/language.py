@@ -91,8 +91,8 @@ def language_divergence(
             bias[start:start + step] = np.nanmean(reps, axis=0) - js[start:start + step]
             lo_b, hi_b = quantiles(reps - 2 * bias[start:start + step][None], ci)
             lo[start:start + step], hi[start:start + step] = np.maximum(lo_b, 0.0), np.maximum(hi_b, 0.0)
-        if n_shuffles:
-            floor[start:start + step] = js_floor(counts[a], counts[b], n_shuffles, rng)
+        for pi in range(start, min(start + step, n_pairs)) if n_shuffles else ():  # pairs in order: one rng stream
+            floor[pi] = js_floor(counts[ii[pi]], counts[jj[pi]], n_shuffles, rng)
     slots = counts.sum(axis=2)  # [V, L]
     return pd.DataFrame({
         "layer": np.tile(np.asarray(first.layers), n_pairs),
