@@ -35,7 +35,7 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -640,32 +640,42 @@ class TraceReader:
                                                   "same capture command to rewrite it."))
         return problems
 
-    def read_shard(self, shard: Path, *, layers: Sequence[int] | None = None) -> RoutingTrace:
-        """One shard as a RoutingTrace; CorruptShardError naming the shard when it cannot be read."""
+    def read_shard(self, shard: Path, *, layers: Sequence[int] | None = None,
+                   columns: Collection[str] | None = None) -> RoutingTrace:
+        """One shard as a RoutingTrace; CorruptShardError naming the shard when it cannot be read.
+
+        ``columns`` (``weights``, ``router_logits``, ``token_id`` and label names) decodes only those besides
+        ``expert_ids, doc_id, position``: weights not asked for are zeros (``meta["weights_read"]`` False),
+        token ids -1, labels and logits absent."""
         try:
-            table = pq.read_table(shard)
+            pf = pq.ParquetFile(shard)
+            keep = None if columns is None else [c for c in pf.schema_arrow.names
+                                                 if c in {"expert_ids", "doc_id", "position", *columns}]
+            table = pf.read(columns=keep) if keep is not None else pq.read_table(shard)
         except (OSError, pa.ArrowException, ValueError) as exc:
             raise CorruptShardError(
                 f"shard {shard} is truncated or corrupted ({exc}); the other shards are readable. Delete it "
                 "and re-run the same capture command to rewrite it, or read with skip_corrupt=True."
             ) from exc
-        self._check_schema(table, shard)
-        self._check_origin(table.schema.metadata, table.num_rows, shard)
+        self._check_schema(table if columns is None else pf.schema_arrow.empty_table(), shard)
+        self._check_origin(pf.schema_arrow.metadata, table.num_rows, shard)
         trace = self._table_to_trace(table, shard)
         return trace if layers is None else trace.select(layers=layers)
 
     def _table_to_trace(self, table: pa.Table, shard: Path) -> RoutingTrace:
-        """Rows of a shard (all of them or some) as a RoutingTrace."""
+        """Rows of a shard (all of them or some; all columns or a projection) as a RoutingTrace."""
+        cols = set(table.column_names)
         n_layers = len(self.layers)
         width = table.schema.field("expert_ids").type.value_type.list_size
         try:
             ids = _unnest(table["expert_ids"], n_layers, width, expert_dtype(self.num_experts))
-            w = _unnest(table["weights"], n_layers, width, np.float32)
+            w = _unnest(table["weights"], n_layers, width, np.float32) if "weights" in cols else \
+                np.zeros(ids.shape, np.float32)
             if width < self.top_k:  # a shard captured before the recorder saw a wider layer: empty slots
                 ids = np.concatenate([ids, np.full((len(ids), n_layers, self.top_k - width), -1, ids.dtype)], 2)
                 w = np.concatenate([w, np.zeros((len(w), n_layers, self.top_k - width), w.dtype)], 2)
             logits = None
-            if self.has_logits:
+            if self.has_logits and "router_logits" in cols:
                 e = table.schema.field("router_logits").type.value_type.list_size
                 logits = _unnest(table["router_logits"], n_layers, e, np.float16)
             raw_meta = self.manifest.get("meta")
@@ -675,13 +685,13 @@ class TraceReader:
                 weights=w,
                 layers=self.layers,
                 num_experts=self.num_experts,
-                token_ids=table["token_id"].to_numpy(),
+                token_ids=table["token_id"].to_numpy() if "token_id" in cols else np.full(len(ids), -1, np.int32),
                 positions=table["position"].to_numpy(),
                 doc_ids=table["doc_id"].to_numpy(),
-                labels={k: table[k].to_numpy(zero_copy_only=False) for k in self.label_names},
+                labels={k: table[k].to_numpy(zero_copy_only=False) for k in self.label_names if k in cols},
                 router_logits=logits,
                 model_name=self.model_name,
-                meta=dict(meta),
+                meta=dict(meta or {}) if "weights" in cols else {**(meta or {}), "weights_read": False},
             )
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise CorruptShardError(f"shard {shard} holds values that do not form a valid trace: {exc}") from exc
@@ -768,7 +778,8 @@ class TraceReader:
                                     "at rows of other documents); delete documents.parquet to read by scan.")
         return self._table_to_trace(table, shard)
 
-    def iter_traces(self, *, layers: Sequence[int] | None = None, _stacklevel: int = 2) -> Iterator[RoutingTrace]:
+    def iter_traces(self, *, layers: Sequence[int] | None = None, _stacklevel: int = 2,
+                    columns: Collection[str] | None = None) -> Iterator[RoutingTrace]:
         """Yield one RoutingTrace per shard, in order. Missing, foreign or corrupt shards raise (or warn, with
         ``skip_corrupt``); a directory whose capture has not finished warns."""
         missing = self.missing_shards
@@ -786,7 +797,7 @@ class TraceReader:
             warnings.warn(self.incomplete_reason() or "", stacklevel=_stacklevel)
         for shard in self.shards():
             try:
-                yield self.read_shard(shard, layers=layers)
+                yield self.read_shard(shard, layers=layers, columns=columns)
             except CorruptShardError as exc:
                 if not self.skip_corrupt:
                     raise

@@ -42,6 +42,50 @@ def test_language_divergence_floor_without_language_effect():
     assert df.ci_low.isna().all()
 
 
+def _two_languages(p: np.ndarray, q: np.ndarray, docs: int, doc_len: int, seed: int) -> RoutingTrace:
+    """Top-1 routing of two languages drawn from known expert distributions p and q, ``docs`` documents each."""
+    rng = np.random.default_rng(seed)
+    n = 2 * docs * doc_len
+    doc = np.repeat(np.arange(2 * docs), doc_len)
+    lang = np.where(doc % 2 == 0, "a", "b")
+    ids = np.where(lang == "a", rng.choice(len(p), size=n, p=p), rng.choice(len(q), size=n, p=q))
+    return RoutingTrace.from_arrays(ids[:, None, None].astype(np.int16), np.ones((n, 1, 1), np.float32),
+                                    num_experts=len(p), doc_ids=doc, labels={"lang": lang})
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.15, 0.5])
+def test_language_divergence_interval_is_calibrated_for_a_known_divergence(shift):
+    """Issue 10 bug fix: the plain percentile interval of a JS sits above the estimate by the plug-in bias and
+    almost never covers a true divergence of 0; the bias-shifted interval covers the truth near 95%."""
+    from moe_routing.metrics._stats import js_divergence
+
+    e = 8
+    p = np.full(e, 1 / e)
+    q = p.copy()
+    q[0] += shift / 2
+    q[1:3] -= shift / 4
+    truth = float(js_divergence(p, q))
+    covered = plain = 0
+    n_sim = 40
+    for seed in range(n_sim):
+        df = mr.metrics.language_divergence(_two_languages(p, q, 20, 30, seed), n_boot=200, n_shuffles=0,
+                                            seed=seed)
+        row = df.iloc[0]
+        assert row.ci_low <= row.js_corrected <= row.ci_high + 1e-12
+        assert row.ci_low_percentile <= row.js <= row.ci_high_percentile or shift == 0.0
+        covered += row.ci_low <= truth <= row.ci_high
+        plain += row.ci_low_percentile <= truth <= row.ci_high_percentile
+    assert covered / n_sim >= 0.85
+    if shift == 0.0:
+        assert plain / n_sim <= 0.1  # the bug: the percentile interval excludes a true 0
+
+
+def test_language_divergence_excess_is_js_minus_its_floor(skewed):
+    df = mr.metrics.language_divergence(skewed, n_boot=20, n_shuffles=3)
+    np.testing.assert_allclose(df.excess, df.js - df.floor)
+    assert (df.excess > 0).all()  # the skewed trace routes by language
+
+
 def doc_distributions(trace: RoutingTrace, source: str) -> dict[int, np.ndarray]:
     out = {}
     for d in np.unique(trace.doc_ids):

@@ -256,8 +256,82 @@ def test_expert_placement_frame():
 
 def test_usage_counts_is_an_xarray_with_named_dims(trace):
     c = mr.metrics.usage_counts(trace, "lang")
-    assert c.dims == ("value", "layer", "expert")
+    # issue 15: the label dimension is named after the label; ``value`` stays as a deprecated coordinate
+    assert c.dims == ("lang", "layer", "expert")
     assert list(c.coords["layer"].values) == list(trace.layers)
-    assert sorted(c.coords["value"].values.tolist()) == ["de", "en", "ja"]
+    assert sorted(c.coords["lang"].values.tolist()) == ["de", "en", "ja"]
+    assert c.coords["value"].values.tolist() == c.coords["lang"].values.tolist()
     assert int(c.sum()) == int((trace.expert_ids >= 0).sum())
     assert c.attrs["tokens"].sum() == trace.num_tokens
+
+
+def _queue_rank_by_sort(group, ids, num_experts, priority):
+    """The former implementation (one stable sort of tokens x layers x k keys): the reference."""
+    n_layers = ids.shape[1]
+    if priority == "slot":
+        arr, g, layer = ids.transpose(2, 0, 1), group[None, :, None], np.arange(n_layers)[None, None, :]
+    else:
+        arr, g, layer = ids, group[:, None, None], np.arange(n_layers)[None, :, None]
+    flat = arr.astype(np.int64)
+    key = ((g.astype(np.int64) * n_layers + layer) * (num_experts + 1) + flat + 1).reshape(-1)
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    starts = np.r_[True, sk[1:] != sk[:-1]]
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(sk)), 0))
+    rank = np.empty(len(sk), dtype=np.int64)
+    rank[order] = np.arange(len(sk)) - first
+    rank = rank.reshape(arr.shape)
+    rank[flat < 0] = -1
+    return rank.transpose(1, 2, 0) if priority == "slot" else rank
+
+
+@pytest.mark.parametrize("priority", ["slot", "token"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_queue_rank_equals_the_sort_reference(priority, contiguous):
+    from moe_routing.metrics.load import _queue_rank
+
+    rng = np.random.default_rng(5)
+    n, n_layers, k, e = 400, 3, 4, 6
+    ids = np.argsort(rng.random((n, n_layers, e)), axis=2)[:, :, :k].astype(np.int16)
+    ids[rng.random(ids.shape) < 0.1] = -1
+    group = np.sort(rng.integers(0, 9, n)) if contiguous else rng.integers(0, 9, n)
+    assert np.array_equal(_queue_rank(group, ids, e, priority), _queue_rank_by_sort(group, ids, e, priority))
+
+
+def test_random_topk_equals_the_per_slot_hash_definition():
+    """The shared-chain draw gives exactly hash_uniform(seed, doc, pos, layer, slot, attempt) per slot."""
+    from moe_routing.metrics._bootstrap import hash_uniform
+    from moe_routing.metrics.load import _random_topk
+
+    n, n_layers, e, k = 300, 3, 5, 4
+    docs, pos = np.arange(n) // 7, np.arange(n) % 7
+    got = _random_topk((n, n_layers), e, k, 11, (docs, pos))
+    ref = np.empty((n, n_layers, k), dtype=np.int64)
+    layer = np.arange(n_layers)[None, :]
+    for s in range(k):
+        cur, todo, attempt = np.zeros((n, n_layers), np.int64), np.ones((n, n_layers), bool), 0
+        while todo.any():
+            u = hash_uniform(11, docs[:, None], pos[:, None], layer, s, attempt)
+            cur = np.where(todo, np.minimum((u * e).astype(np.int64), e - 1), cur)
+            todo = np.zeros_like(todo)
+            for prev in range(s):
+                todo |= cur == ref[:, :, prev]
+            attempt += 1
+        ref[:, :, s] = cur
+    assert np.array_equal(got, ref)
+    assert all(len(set(row)) == k for row in got.reshape(-1, k).tolist())
+
+
+def test_random_topk_is_distinct_uniform_and_chunk_free():
+    from moe_routing.metrics.load import _random_topk
+
+    docs = np.repeat(np.arange(200), 50)
+    pos = np.tile(np.arange(50), 200)
+    r = _random_topk((len(docs), 3), 8, 3, 0, (docs, pos))
+    assert r.shape == (10_000, 3, 3)
+    s = np.sort(r, axis=2)
+    assert (np.diff(s, axis=2) > 0).all()  # k distinct experts per (token, layer)
+    freq = np.bincount(r.ravel(), minlength=8) / r.size
+    assert np.allclose(freq, 1 / 8, atol=0.01)
+    half = _random_topk((5000, 3), 8, 3, 0, (docs[5000:], pos[5000:]))
+    assert np.array_equal(half, r[5000:])  # depends on (doc, position), not on the chunk

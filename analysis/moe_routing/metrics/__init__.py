@@ -1,17 +1,21 @@
 """moe_routing.metrics: pure functions from routing traces to tidy frames.
 
-Every function takes a ``RoutingTrace``, a trace directory (streamed shard by shard) or a list of
-``RoutingTrace`` chunks, and returns a ``pandas.DataFrame`` (or an ``xarray`` object / array where named
-dimensions serve better). ``layer`` columns hold decoder-layer indices (``trace.layers``). Headline numbers
-carry a baseline column (uniform / random routing / shuffled labels) and, where sampling matters, a bootstrap
-CI over documents.
+Every function takes a ``RoutingTrace``, a trace directory (streamed shard by shard, decoding only the columns
+the metric reads), the ``TraceReader`` that ``capture_corpus`` / ``open_trace`` return (its options, e.g.
+``skip_corrupt=True``, apply) or a list of ``RoutingTrace`` chunks, and returns a ``pandas.DataFrame`` (or an
+``xarray`` object / array where named dimensions serve better; a label dimension is named after the label).
+``layer`` columns hold decoder-layer indices (``trace.layers``). Headline numbers carry a baseline column
+(uniform / random routing / shuffled labels) and, where sampling matters, a bootstrap CI over documents.
 
-Families: load (``load``), specialization and co-activation (``specialization``), cross-layer and sequence
-(``sequence``), per-language (``language``), contrast of two conditions (``contrast``),
-causal checks by ablating experts and steering sets (``causal``).
+Families: load (``load``), specialization (``specialization``), co-activation (``coactivation``), cross-layer
+and sequence (``sequence``), per-language (``language``), contrast of two conditions (``contrast``), causal
+checks by ablating experts and steering sets (``causal``). Shared plumbing, one concern per module:
+``_source`` (sources, chunks, labels), ``_ranking`` (first / second choice, top-k: one rule), ``_counts``
+(count primitives), ``_stats`` (entropy, MI, JS, softmax, shuffled floors), ``_bootstrap`` (hashing, Poisson
+bootstrap, intervals); ``_common`` re-exports them for old imports.
 """
 
-from ._common import read_all
+from ._source import read_all
 from .causal import (
     AblationMatrix,
     CausalClaim,

@@ -15,16 +15,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MetricError
-from ._common import (
-    Label,
-    TraceSource,
-    grouped_counts_boot,
-    js_divergence,
-    label_name,
-    quantiles,
-    safe_div,
-    warn_small,
-)
+from ._bootstrap import grouped_counts_boot, quantiles
+from ._counts import warn_small
+from ._source import Label, TraceSource, label_name
+from ._stats import js_divergence, js_floor, safe_div
 
 __all__ = ["contrast", "contrast_summary", "contrast_traces"]
 
@@ -155,8 +149,6 @@ def contrast_summary(
     ``floor`` (JS after shuffling the condition over routing slots, from the margins), ``tv`` (total variation
     = half the L1 distance of the shares), ``n_significant`` (experts whose diff CI excludes 0).
     """
-    from ._common import permutation_tables
-
     if other is not None:
         counts, boot, _tokens, layers = _pair_traces(trace, other, k, top1, n_boot, seed)
     else:
@@ -167,15 +159,7 @@ def contrast_summary(
     lo, hi = quantiles(js_divergence(boot[0], boot[1]), ci) if n_boot else (js * np.nan, js * np.nan)
     share = safe_div(counts, counts.sum(axis=2, keepdims=True))
     tv = 0.5 * np.abs(share[0] - share[1]).sum(axis=1)
-    rng = np.random.default_rng(seed)
-    floor = np.full(len(layers), np.nan)
-    if n_shuffles:
-        draws = np.zeros((n_shuffles, len(layers)))
-        for s in range(n_shuffles):
-            for li in range(len(layers)):
-                t = permutation_tables(counts[:, li].astype(np.int64), rng)
-                draws[s, li] = js_divergence(t[0], t[1])
-        floor = draws.mean(axis=0)
+    floor = js_floor(counts[0], counts[1], n_shuffles, np.random.default_rng(seed))
     if n_boot:
         bshare = safe_div(boot, boot.sum(axis=3, keepdims=True))
         dlo, dhi = quantiles(bshare[0] - bshare[1], ci)

@@ -9,33 +9,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from ..errors import MetricError
 from ..trace import RoutingTrace
-from ._common import (
-    GroupedAccumulator,
-    Label,
-    TraceSource,
-    chunks,
-    entropy,
-    factorize,
-    fold,
-    grouped_counts_boot,
-    js_divergence,
-    label_name,
-    label_of,
-    permutation_tables,
-    poisson_weights,
-    quantiles,
-    safe_div,
-    token_blocks,
-    warn_small,
-)
+from ._bootstrap import grouped_counts_boot, poisson_weights, quantiles
+from ._counts import GroupedAccumulator, factorize, warn_small
+from ._source import Label, TraceSource, chunks, fold, label_name, label_of, needs, token_blocks
+from ._stats import entropy, js_divergence, js_floor, safe_div, softmax
 from .load import usage_counts
+
+DistributionSource = Literal["auto", "logits", "weights", "counts"]
+Normalize = Literal["entropy", "none"]
+ExpertVariable = Literal["top1", "slot0", "set"]
 
 #: A coloured cell built from fewer routing slots than this is marked ``too_few`` (plots can mask it).
 MIN_CELL_SLOTS = 20
@@ -64,68 +53,110 @@ def language_divergence(
     language effect; exact per token with ``top1=True``), ``ci_low, ci_high`` (Poisson bootstrap over
     documents, ``n_boot`` replicates; memory values x n_boot x layers x experts x 8 bytes), ``slots_a, slots_b``
     (routing slots of each language in the layer), ``tokens_a, tokens_b``, ``too_few`` (either language has
-    fewer than ``min_count`` slots: mask the cell, its divergence is mostly sampling noise).
+    fewer than ``min_count`` slots: mask the cell, its divergence is mostly sampling noise), ``excess`` = js -
+    floor (the divergence beyond what finite samples show: the number to compare across cells),
+    ``js_corrected`` = max(0, js - bias) with bias = mean of the bootstrap replicates - js.
+
+    The interval is for the true divergence: a plug-in JS is biased upward (noise only adds divergence), and a
+    resample adds the same bias again, so the plain percentile interval sits above the estimate and misses a
+    true divergence of 0 almost always. ``ci_low, ci_high`` are percentiles of the replicates shifted by twice
+    the estimated bias (clipped at 0): centred on ``js_corrected``, calibrated on synthetic traces of known
+    divergence (tests/metrics/test_language.py). The plain percentile interval (what ``ci_low, ci_high`` held
+    before) is kept as ``ci_low_percentile, ci_high_percentile``; it contains ``js``.
     """
     values, counts, boot, tokens, first = grouped_counts_boot(trace, label, k=k, top1=top1, n_boot=n_boot, seed=seed)
     warn_small(label_name(label), values, tokens)
     if len(values) < 2:
         raise MetricError(f"label {label_name(label)!r} has a single value here; a divergence needs two.")
     rng = np.random.default_rng(seed)
-    rows = []
-    for i, j in itertools.combinations(range(len(values)), 2):  # a loop over pairs of languages
-        js = js_divergence(counts[i], counts[j])  # [L]
-        lo, hi = quantiles(js_divergence(boot[i], boot[j]), ci) if n_boot else (np.nan * js, np.nan * js)
-        floor = np.full(len(js), np.nan)
-        if n_shuffles:
-            draws = np.zeros((n_shuffles, len(js)))
-            for s in range(n_shuffles):
-                for li in range(len(js)):
-                    t = permutation_tables(np.stack([counts[i, li], counts[j, li]]).astype(np.int64), rng)
-                    draws[s, li] = js_divergence(t[0], t[1])
-            floor = draws.mean(axis=0)
-        slots_i, slots_j = counts[i].sum(axis=1), counts[j].sum(axis=1)  # [L]
-        for li, layer in enumerate(first.layers):
-            rows.append({"layer": layer, "a": values[i], "b": values[j], "js": js[li], "floor": floor[li],
-                         "ci_low": lo[li], "ci_high": hi[li], "slots_a": int(slots_i[li]),
-                         "slots_b": int(slots_j[li]), "tokens_a": int(tokens[i]), "tokens_b": int(tokens[j]),
-                         "too_few": bool(min(slots_i[li], slots_j[li]) < min_count)})
-    return pd.DataFrame(rows)
+    ii, jj = np.triu_indices(len(values), 1)  # every pair a < b, in the order itertools.combinations gives
+    n_layers, e = counts.shape[1:]
+    n_pairs = len(ii)
+    js = np.empty((n_pairs, n_layers))
+    lo = np.full((n_pairs, n_layers), np.nan)
+    hi = np.full((n_pairs, n_layers), np.nan)
+    floor = np.full((n_pairs, n_layers), np.nan)
+    lo_p, hi_p, bias = (np.full((n_pairs, n_layers), np.nan) for _ in range(3))
+    # pairs in blocks: temporaries of about 2**22 cells whatever the number of languages (vectorised over pairs)
+    per_pair = n_layers * e * max(1, n_boot)
+    step = max(1, (1 << 22) // per_pair)
+    for start in range(0, n_pairs, step):
+        a, b = ii[start:start + step], jj[start:start + step]
+        js[start:start + step] = js_divergence(counts[a], counts[b])
+        if n_boot:
+            reps = js_divergence(boot[a], boot[b]).transpose(1, 0, 2)  # [B, pairs, L]
+            lo_p[start:start + step], hi_p[start:start + step] = quantiles(reps, ci)
+            # a resample adds sampling noise, and noise only raises a JS: the replicates sit above the estimate
+            # by about its own plug-in bias. Shift them by twice the estimated bias: centred on the corrected value
+            bias[start:start + step] = np.nanmean(reps, axis=0) - js[start:start + step]
+            lo_b, hi_b = quantiles(reps - 2 * bias[start:start + step][None], ci)
+            lo[start:start + step], hi[start:start + step] = np.maximum(lo_b, 0.0), np.maximum(hi_b, 0.0)
+        for pi in range(start, min(start + step, n_pairs)) if n_shuffles else ():  # pairs in order: one rng stream
+            floor[pi] = js_floor(counts[ii[pi]], counts[jj[pi]], n_shuffles, rng)
+    slots = counts.sum(axis=2)  # [V, L]
+    return pd.DataFrame({
+        "layer": np.tile(np.asarray(first.layers), n_pairs),
+        "a": np.repeat(values[ii], n_layers),
+        "b": np.repeat(values[jj], n_layers),
+        "js": js.ravel(),
+        "floor": floor.ravel(),
+        "ci_low": lo.ravel(),
+        "ci_high": hi.ravel(),
+        "slots_a": slots[ii].ravel().astype(np.int64),
+        "slots_b": slots[jj].ravel().astype(np.int64),
+        "tokens_a": np.repeat(np.asarray(tokens)[ii], n_layers).astype(np.int64),
+        "tokens_b": np.repeat(np.asarray(tokens)[jj], n_layers).astype(np.int64),
+        "too_few": (np.minimum(slots[ii], slots[jj]) < min_count).ravel(),
+        "excess": (js - floor).ravel(),
+        "js_corrected": np.maximum(js - bias, 0.0).ravel(),
+        "ci_low_percentile": lo_p.ravel(),
+        "ci_high_percentile": hi_p.ravel(),
+    })
 
 
 # ---------------------------------------------------------------------------------------------- Bandarkar
 def _unit_distributions(chunk: RoutingTrace, source: str, codes: np.ndarray, n_units: int) -> np.ndarray:
-    """float64 ``[units, layers, E]``: per unit (document x label), the summed routing distribution of its tokens."""
+    """float64 ``[units, layers, E]``: per unit (document x label), the summed routing distribution of its tokens.
+
+    Block by block over tokens (``token_blocks``): temporaries stay bounded whatever the chunk's size.
+    """
     n_layers, e = chunk.num_layers, chunk.num_experts
-    out = np.zeros((n_units, n_layers * e))
+    out = np.zeros(n_units * n_layers * e)
     if source == "logits":
+        from scipy import sparse
+
         logits = chunk.router_logits
         assert logits is not None
         for sl in token_blocks(chunk.num_tokens, n_layers * e, 1 << 20):
             # columns past num_experts are no experts (zaya's skip class): the softmax over the experts is the
             # router's distribution given the token is routed, as the "weights" and "counts" sources see it;
             # NaN pads a layer narrower than the widest (probability 0)
-            x = np.nan_to_num(logits[sl, :, :e].astype(np.float64), nan=-np.inf)
-            x -= x.max(axis=2, keepdims=True)
-            np.exp(x, out=x)
-            x /= x.sum(axis=2, keepdims=True)
-            # units are factorized, so a sparse one-hot keeps this a single product
-            from scipy import sparse
-
+            x = softmax(logits[sl, :, :e])
             c = codes[sl]
+            # units are factorized, so a sparse one-hot keeps this a single product
             onehot = sparse.csr_matrix((np.ones(len(c)), (c, np.arange(len(c)))), shape=(n_units, len(c)))
-            out += onehot @ x.reshape(len(c), n_layers * e)
+            out += (onehot @ x.reshape(len(c), n_layers * e)).ravel()
         return out.reshape(n_units, n_layers, e)
-    ids = chunk.expert_ids.astype(np.intp)
-    if source == "weights":
-        w = np.where(ids >= 0, np.nan_to_num(chunk.weights), 0.0).astype(np.float64)
-        w = w / np.where(w.sum(axis=2, keepdims=True) > 0, w.sum(axis=2, keepdims=True), 1.0)
-    else:  # counts: each routed slot weighs 1 / (routed slots of the token at that layer)
-        routed = (ids >= 0).sum(axis=2, keepdims=True)
-        w = np.where(ids >= 0, 1.0 / np.maximum(routed, 1), 0.0)
-    cell = (codes[:, None, None] * n_layers + np.arange(n_layers)[None, :, None]) * e + np.maximum(ids, 0)
-    ok = ids >= 0
-    out = np.bincount(cell[ok], weights=w[ok], minlength=n_units * n_layers * e)
+    k = chunk.top_k
+    layer_cell = (np.arange(n_layers, dtype=np.intp) * e)[None, :, None]
+    for sl in token_blocks(chunk.num_tokens, n_layers * k, n_units * n_layers * e):
+        ids = chunk.expert_ids[sl].astype(np.intp)
+        ok = ids >= 0
+        if source == "weights":
+            w = np.where(ok, np.nan_to_num(chunk.weights[sl]), 0.0).astype(np.float64)
+            total = w.sum(axis=2, keepdims=True)
+            w = w / np.where(total > 0, total, 1.0)
+        else:  # counts: each routed slot weighs 1 / (routed slots of the token at that layer)
+            routed = ok.sum(axis=2, keepdims=True)
+            w = np.where(ok, 1.0 / np.maximum(routed, 1), 0.0)
+        cell = (codes[sl] * (n_layers * e))[:, None, None] + layer_cell + np.maximum(ids, 0)
+        out += np.bincount(cell[ok], weights=w[ok], minlength=n_units * n_layers * e)
     return out.reshape(n_units, n_layers, e)
+
+
+def _reference_columns(label: Label, pair_label: str | None, source: str) -> frozenset[str] | None:
+    """What ``reference_divergence`` reads: the labels, and weights / logits as ``source`` may use them."""
+    return needs(label, pair_label, weights=source in ("auto", "weights"), logits=source in ("auto", "logits"))
 
 
 def _choose_source(chunk: RoutingTrace, source: str) -> str:
@@ -144,7 +175,7 @@ def _choose_source(chunk: RoutingTrace, source: str) -> str:
     return source
 
 
-def _normalised(js: np.ndarray, hp: np.ndarray, hq: np.ndarray, normalize: str) -> np.ndarray:
+def _normalised(js: np.ndarray, hp: np.ndarray, hq: np.ndarray, normalize: Normalize) -> np.ndarray:
     if normalize == "none":
         return js
     if normalize == "entropy":
@@ -158,8 +189,8 @@ def reference_divergence(
     reference: Any = "en",
     *,
     pair_label: str | None = None,
-    source: str = "auto",
-    normalize: str = "entropy",
+    source: DistributionSource = "auto",
+    normalize: Normalize = "entropy",
     n_boot: int = 200,
     ci: float = 0.95,
     seed: int = 0,
@@ -201,7 +232,8 @@ def reference_divergence(
         n = np.bincount(codes, minlength=len(pairs)).astype(np.float64)
         state["acc"].add(pairs, dist / n[:, None, None])
 
-    ref_state, first = fold(trace, collect_ref_init, collect_ref)
+    cols = _reference_columns(label, pair_label, source)
+    ref_state, first = fold(trace, collect_ref_init, collect_ref, columns=cols)
     ref_pairs, ref_q = ref_state["acc"].result()
     if len(ref_pairs) == 0:
         raise MetricError(f"no token has {name} == {reference!r}: the reference language is missing.")
@@ -237,7 +269,7 @@ def reference_divergence(
             state["js"].setdefault(v, []).append(j)
             state["ent"].setdefault(v, []).append(h)
 
-    state, _ = fold(trace, init, update)
+    state, _ = fold(trace, init, update, columns=cols)
     rng = np.random.default_rng(seed)
     rows = []
     for v in sorted(state["div"], key=str):
@@ -262,9 +294,9 @@ def _pair_units(lab: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
     return doc_ids.astype(np.int64) * (int(lcodes.max()) + 1 if len(lcodes) else 1) + lcodes
 
 
-def _reference_by_language(trace: TraceSource, label: Label, reference: Any, source: str, normalize: str,
+def _reference_by_language(trace: TraceSource, label: Label, reference: Any, source: DistributionSource, normalize: Normalize,
                            n_boot: int, ci: float, seed: int, name: str) -> pd.DataFrame:
-    from ._common import BootstrapCounts
+    from ._bootstrap import BootstrapCounts
 
     def init(chunk: RoutingTrace) -> dict:
         return {"acc": GroupedAccumulator((1 + n_boot, chunk.num_layers, chunk.num_experts), np.float64),
@@ -294,7 +326,7 @@ def _reference_by_language(trace: TraceSource, label: Label, reference: Any, sou
         np.add.at(ent_sum[:, 1], lcodes, 1.0)
         state["ent"].add(values, ent_sum)
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=_reference_columns(label, None, source))
     values, acc = state["acc"].result()
     _, ent = state["ent"].result()
     where = [i for i, v in enumerate(values.tolist()) if v == reference]
@@ -359,7 +391,8 @@ def top_expert_overlap(
 def _boot_tokens(trace: TraceSource, label: Label, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(values [V], float64 [V, n_boot]): tokens per label value in each Poisson replicate over documents
     (the same weights as ``grouped_counts_boot`` with this seed)."""
-    from ._common import BootstrapCounts, label_codes
+    from ._bootstrap import BootstrapCounts
+    from ._counts import label_codes
 
     def init(chunk: RoutingTrace) -> dict:
         return {"acc": GroupedAccumulator((n_boot,), np.float64)}
@@ -370,7 +403,7 @@ def _boot_tokens(trace: TraceSource, label: Label, n_boot: int, seed: int) -> tu
         bc.add(chunk.doc_ids, codes)
         state["acc"].add(values, bc.boot.T)
 
-    state, _ = fold(trace, init, update)
+    state, _ = fold(trace, init, update, columns=needs(label))
     return state["acc"].result()
 
 
@@ -428,7 +461,7 @@ def language_experts(
         "layer": np.repeat(layer_values, e),
         "expert": np.tile(np.arange(e), n_layers),
         "kind": kind.ravel(),
-        name: np.where(kind == "specific", values[best].astype(object), None).ravel(),
+        name: np.asarray(np.where(kind == "specific", values[best].astype(object), None)).ravel(),
         "margin": margin.ravel(),
         "min_freq": low.ravel(),
         "max_freq": top.ravel(),
@@ -562,7 +595,7 @@ def _mi_nats(a: np.ndarray, b: np.ndarray) -> float:
 
 def _expert_variable(chunk: RoutingTrace, expert: str) -> np.ndarray:
     """int64 ``[tokens, layers]``: the routing variable of each token (-1: no expert at that layer)."""
-    from ._common import top1 as top1_ids
+    from ._ranking import top1 as top1_ids
 
     if expert == "top1":
         return top1_ids(chunk).astype(np.int64)
@@ -596,7 +629,7 @@ def conditional_label_mi(
     given: Label = "token_id",
     *,
     layers: list[int] | None = None,
-    expert: str = "top1",
+    expert: ExpertVariable = "top1",
     min_labels: int = 2,
     n_shuffles: int = 5,
     n_boot: int = 100,
@@ -640,7 +673,8 @@ def conditional_label_mi(
     parts: dict[str, list[np.ndarray]] = {"lab": [], "giv": [], "doc": [], "x": []}
     first: RoutingTrace | None = None
     n_valid_given = 0
-    for chunk in chunks(trace, layers=layers):
+    cols = needs(label, None if given == "token_id" else given, weights=expert == "top1", tokens=True)
+    for chunk in chunks(trace, layers=layers, columns=cols):
         first = first or chunk
         lab = label_of(chunk, label)
         giv, ok = _given_of(chunk, given)

@@ -1,6 +1,6 @@
 """Expert load: counts, balance statistics, the auxiliary load-balancing loss, load by position, capacity, placement.
 
-All functions take a ``RoutingTrace``, a trace directory or a list of chunks (see ``_common``) and stream it.
+All functions take a ``RoutingTrace``, a trace directory or a list of chunks (see ``_source``) and stream it.
 Counts include every non-empty slot of the top-k (``expert_ids != -1``) unless ``top1=True``.
 """
 
@@ -8,35 +8,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
 from ..errors import MetricError
 from ..trace import RoutingTrace
-from ._common import (
+from ._bootstrap import _splitmix, hash64, hash_uniform
+from ._counts import (
     GroupedAccumulator,
+    factorize,
+    grouped_counts,
+    label_codes,
+    layer_expert_counts,
+    weighted_counts,
+)
+from ._ranking import sorted_ids, sorted_slots, topk_ids
+from ._source import (
     Label,
     TraceSource,
     chunks,
-    factorize,
     fold,
-    grouped_counts,
-    hash_uniform,
-    label_codes,
     label_name,
-    layer_expert_counts,
+    needs,
     require_logits,
     require_weights,
-    safe_div,
-    sorted_ids,
     token_blocks,
-    topk_ids,
 )
+from ._stats import safe_div
 
 if TYPE_CHECKING:
     import xarray as xr
+
+Selection = Literal["logits", "trace"]
+Priority = Literal["slot", "token"]
+Group = Literal["doc", "batch"] | int
 
 __all__ = [
     "capacity_drop",
@@ -52,6 +59,43 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- primitive
+def _usage(trace: TraceSource, label: Label | None, k: int | None, *, counts: bool, weights: bool
+           ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray, RoutingTrace]:
+    """One pass: slot counts and / or summed weights per (label value,) layer and expert.
+
+    Returns ``({"count": [V, L, E] int64, "weight": [V, L, E] float64}, values [V] or None, tokens [V] or [],
+    first chunk)``; without a label V = 1.
+    """
+
+    def init(chunk: RoutingTrace) -> dict:
+        if weights:
+            require_weights(chunk, "usage_counts(weighted=True)")
+        shape = (chunk.num_layers, chunk.num_experts)
+        return {"count": GroupedAccumulator(shape, np.int64), "weight": GroupedAccumulator(shape, np.float64),
+                "tok": GroupedAccumulator((), np.int64)}
+
+    def update(state: dict, chunk: RoutingTrace) -> None:
+        e = chunk.num_experts
+        codes, values = label_codes(chunk, label)
+        if weights:
+            ids_w, w = sorted_slots(chunk, k)
+            state["weight"].add(values, weighted_counts(ids_w, w, e, codes, len(values)))
+        if counts:
+            ids = topk_ids(chunk, k)
+            c = layer_expert_counts(ids, e)[None] if label is None else grouped_counts(codes, len(values), ids, e)
+            state["count"].add(values, c)
+        state["tok"].add(values, np.bincount(codes, minlength=len(values)))
+
+    state, first = fold(trace, init, update, columns=needs(label, weights=weights or k is not None))
+    out = {}
+    values = None
+    for key, wanted in (("count", counts), ("weight", weights)):
+        if wanted:
+            values, out[key] = state[key].result()
+    _, tokens = state["tok"].result()
+    return out, values, tokens, first
+
+
 def usage_counts(
     trace: TraceSource,
     label: Label | None = None,
@@ -62,73 +106,39 @@ def usage_counts(
 ) -> xr.DataArray:
     """Slot counts per (label value,) layer and expert: the count tensor most metrics are built on.
 
-    Returns an ``xarray.DataArray`` with dims ``(layer, expert)``, or ``(value, layer, expert)`` when ``label``
-    is given (a label name or a function of a chunk returning ``[tokens]`` values). Coordinates: ``layer`` =
-    decoder-layer indices, ``value`` = label values (sorted). ``attrs``: ``tokens`` (tokens per value, or in
+    Returns an ``xarray.DataArray`` with dims ``(layer, expert)``, or ``(<label>, layer, expert)`` when ``label``
+    is given (a label name or a function of a chunk returning ``[tokens]`` values; the dimension is named after
+    the label, e.g. ``lang``). Coordinates: ``layer`` = decoder-layer indices, ``<label>`` = label values
+    (sorted), also under the old name ``value`` (deprecated). ``attrs``: ``tokens`` (tokens per value, or in
     all), ``top_k`` (slots counted per token), ``num_experts``, ``label``.
 
     ``top1=True`` counts only the largest-weight slot; ``k`` counts the first ``k`` slots by weight;
     ``weighted=True`` sums routing weights instead of counting (raises ``MetricError`` without weights).
     """
-    if top1:
-        k = 1
-
-    def init(chunk: RoutingTrace) -> dict:
-        if weighted:
-            require_weights(chunk, "usage_counts(weighted=True)")
-        shape = (chunk.num_layers, chunk.num_experts)
-        dtype = np.float64 if weighted else np.int64
-        return {"acc": GroupedAccumulator(shape, dtype), "tok": GroupedAccumulator((), np.int64),
-                "total": np.zeros(shape, dtype), "n": 0}
-
-    def update(state: dict, chunk: RoutingTrace) -> None:
-        e = chunk.num_experts
-        codes, values = label_codes(chunk, label)
-        if weighted:
-            ids, w = _sorted_slots(chunk, k)
-            counts = _weighted_counts(ids, w, e, codes, len(values))
-        else:
-            ids = topk_ids(chunk, k)
-            counts = layer_expert_counts(ids, e)[None] if label is None else grouped_counts(codes, len(values), ids, e)
-        if label is None:
-            state["total"] += counts[0]
-            state["n"] += chunk.num_tokens
-        else:
-            state["acc"].add(values, counts)
-            state["tok"].add(values, np.bincount(codes, minlength=len(values)))
-
     import xarray as xr
 
-    state, first = fold(trace, init, update)
+    if top1:
+        k = 1
+    key = "weight" if weighted else "count"
+    arrays, values, tokens, first = _usage(trace, label, k, counts=not weighted, weights=weighted)
     layers = list(first.layers)
     experts = np.arange(first.num_experts)
     slots = first.top_k if k is None else min(k, first.top_k)
     attrs = {"top_k": slots, "num_experts": first.num_experts, "label": None if label is None else label_name(label)}
     if label is None:
-        return xr.DataArray(state["total"], dims=("layer", "expert"), coords={"layer": layers, "expert": experts},
-                            attrs={**attrs, "tokens": int(state["n"])}, name="count")
-    values, counts = state["acc"].result()
-    _, tokens = state["tok"].result()
-    return xr.DataArray(counts, dims=("value", "layer", "expert"),
-                        coords={"value": values, "layer": layers, "expert": experts},
+        return xr.DataArray(arrays[key][0], dims=("layer", "expert"), coords={"layer": layers, "expert": experts},
+                            attrs={**attrs, "tokens": int(tokens[0])}, name="count")
+    dim = label_dim(label)
+    return xr.DataArray(arrays[key], dims=(dim, "layer", "expert"),
+                        coords={dim: values, "value": (dim, values), "layer": layers, "expert": experts},
                         attrs={**attrs, "tokens": tokens}, name="count")
 
 
-def _sorted_slots(chunk: RoutingTrace, k: int | None) -> tuple[np.ndarray, np.ndarray]:
-    t = chunk.sorted_by_weight()
-    kk = t.top_k if k is None else min(k, t.top_k)
-    return t.expert_ids[:, :, :kk], t.weights[:, :, :kk]
-
-
-def _weighted_counts(ids: np.ndarray, w: np.ndarray, num_experts: int, codes: np.ndarray, n_values: int
-                     ) -> np.ndarray:
-    n_layers = ids.shape[1]
-    width = num_experts + 1
-    idx = ids.astype(np.intp) + (np.arange(n_layers, dtype=np.intp) * width + 1)[None, :, None]
-    idx += (codes * n_layers * width)[:, None, None]
-    weights = np.where(ids >= 0, np.nan_to_num(w), 0.0).astype(np.float64)
-    out = np.bincount(idx.ravel(), weights=weights.ravel(), minlength=n_values * n_layers * width)
-    return out.reshape(n_values, n_layers, width)[:, :, 1:]
+def label_dim(label: Label) -> str:
+    """The dimension name of a label in xarray outputs: its name, unless that clashes with ``layer`` / ``expert``
+    (then ``<name>_value``)."""
+    name = label_name(label)
+    return f"{name}_value" if name in ("layer", "expert", "value") else name
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -140,15 +150,16 @@ def expert_load(trace: TraceSource, *, top1: bool = False, weighted: bool = Fals
     layer), ``load_ratio`` = count / (total / num_experts) = utilisation vs the ideal balanced load (1.0 is
     ideal; NeMo/Megatron "utilisation"), ``dead`` = count == 0. ``weighted=True`` adds ``weight`` (sum of the
     routing weights, "importance") and ``weight_share``. One row per (layer, expert), ``layers x experts`` rows.
+    One pass over the trace (counts and weights together).
 
     Baseline: uniform routing gives share = 1/num_experts and load_ratio = 1.
     """
-    counts = usage_counts(trace, top1=top1)
-    c = counts.values
+    arrays, _, _, first = _usage(trace, None, 1 if top1 else None, counts=True, weights=weighted)
+    c = arrays["count"][0]
     n_layers, e = c.shape
     total = c.sum(axis=1, keepdims=True)
     df = pd.DataFrame({
-        "layer": np.repeat(counts.coords["layer"].values, e),
+        "layer": np.repeat(np.asarray(first.layers), e),
         "expert": np.tile(np.arange(e), n_layers),
         "count": c.ravel(),
         "share": safe_div(c, total).ravel(),
@@ -156,7 +167,7 @@ def expert_load(trace: TraceSource, *, top1: bool = False, weighted: bool = Fals
         "dead": (c == 0).ravel(),
     })
     if weighted:
-        w = usage_counts(trace, top1=top1, weighted=True).values
+        w = arrays["weight"][0]
         df["weight"] = w.ravel()
         df["weight_share"] = safe_div(w, w.sum(axis=1, keepdims=True)).ravel()
     return df
@@ -218,7 +229,7 @@ def load_balance(trace: TraceSource, *, top1: bool = False) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- aux loss
-def _aux_accumulate(trace: TraceSource, selection: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list[int], int]:
+def _aux_accumulate(trace: TraceSource, selection: Selection) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list[int], int]:
     if selection not in ("logits", "trace"):
         raise MetricError(f"selection must be 'logits' or 'trace', got {selection!r}.")
 
@@ -246,11 +257,11 @@ def _aux_accumulate(trace: TraceSource, selection: str) -> tuple[np.ndarray, np.
             state["f"] += layer_expert_counts(sel, e)
         state["n"] += chunk.num_tokens
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(logits=True))
     return state["f"], state["p"], np.asarray(first.layers), state["n"], list(first.layers), first.top_k
 
 
-def load_balancing_loss(trace: TraceSource, *, selection: str = "logits") -> float:
+def load_balancing_loss(trace: TraceSource, *, selection: Selection = "logits") -> float:
     """The Switch/Mixtral auxiliary load-balancing loss over all MoE layers, as transformers computes it.
 
     ``E * sum_e f_e * P_e`` with, over all (token, layer) rows of the router logits ``[tokens, layers, E]``,
@@ -268,7 +279,7 @@ def load_balancing_loss(trace: TraceSource, *, selection: str = "logits") -> flo
     return float(e * np.sum((f.sum(axis=0) / rows) * (p.sum(axis=0) / rows)))
 
 
-def load_balancing_loss_by_layer(trace: TraceSource, *, selection: str = "logits") -> pd.DataFrame:
+def load_balancing_loss_by_layer(trace: TraceSource, *, selection: Selection = "logits") -> pd.DataFrame:
     """The auxiliary load-balancing loss of each MoE layer on its own.
 
     Columns: ``layer, aux_loss, balanced`` with aux_loss = E * sum_e f_e P_e over the layer's tokens
@@ -347,34 +358,59 @@ def load_by_position(
 
 
 # ---------------------------------------------------------------------------------------------- capacity
-def _queue_rank(group: np.ndarray, ids: np.ndarray, num_experts: int, priority: str) -> np.ndarray:
+def _cumcount(g: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """int64 ``[m]``: how many earlier elements share (g, e); ``g`` non-decreasing, ``e`` small ints.
+
+    One stable (radix, for int16) sort by ``e``: inside an ``e`` block positions keep their order, so ``g`` runs
+    are contiguous there and the count is the distance to the start of the (e, g) run.
+    """
+    m = len(e)
+    order = np.argsort(e, kind="stable")
+    se, sg = e[order], g[order]
+    start = np.ones(m, dtype=bool)
+    start[1:] = (se[1:] != se[:-1]) | (sg[1:] != sg[:-1])
+    idx = np.arange(m)
+    first = np.maximum.accumulate(np.where(start, idx, 0))
+    out = np.empty(m, dtype=np.int64)
+    out[order] = idx - first
+    return out
+
+
+def _queue_rank(group: np.ndarray, ids: np.ndarray, num_experts: int, priority: Priority) -> np.ndarray:
     """int64 ``[tokens, layers, k]``: rank of each slot in its (group, layer, expert) queue; -1 for empty slots.
 
     ``ids`` has slots sorted by weight, ``group`` is ``[tokens]``. ``priority="slot"`` serves all first choices of
     a group (in token order) before its second choices (GShard/Switch); ``"token"`` serves tokens in order.
+    Works layer by layer (and slot by slot) on ``[tokens]`` columns with radix sorts of the int16 ids, never a
+    sort of ``tokens x layers x k`` keys.
     """
-    n_layers = ids.shape[1]
+    n, n_layers, k = ids.shape
+    group = np.asarray(group, dtype=np.int64)
+    order = None
+    if n > 1 and np.any(group[1:] < group[:-1]):  # make groups contiguous; the stable sort keeps service order
+        order = np.argsort(group, kind="stable")
+        group, ids = group[order], ids[order]
+    n_groups = int(group.max()) + 1 if n else 0
+    width = num_experts + 1
+    rank = np.empty((n, n_layers, k), dtype=np.int64)
     if priority == "slot":
-        arr = ids.transpose(2, 0, 1)  # [k, tokens, layers]: the flat order is the service order
-        g = group[None, :, None]
-        layer = np.arange(n_layers)[None, None, :]
+        for li in range(n_layers):
+            served = np.zeros(n_groups * width, dtype=np.int64)  # slots already queued per (group, expert)
+            for s in range(k):
+                e = ids[:, li, s]
+                key = group * width + e.astype(np.int64) + 1
+                rank[:, li, s] = _cumcount(group, e) + served[key]
+                served += np.bincount(key, minlength=n_groups * width)
     else:
-        arr = ids
-        g = group[:, None, None]
-        layer = np.arange(n_layers)[None, :, None]
-    flat = arr.astype(np.int64)
-    key = ((g.astype(np.int64) * n_layers + layer) * (num_experts + 1) + flat + 1).reshape(-1)
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    m = len(sk)
-    starts = np.ones(m, dtype=bool)
-    starts[1:] = sk[1:] != sk[:-1]
-    first = np.maximum.accumulate(np.where(starts, np.arange(m), 0))
-    rank = np.empty(m, dtype=np.int64)
-    rank[order] = np.arange(m) - first
-    rank = rank.reshape(arr.shape)
-    rank[flat < 0] = -1
-    return rank.transpose(1, 2, 0) if priority == "slot" else rank
+        g_rep = np.repeat(group, k)
+        for li in range(n_layers):
+            rank[:, li, :] = _cumcount(g_rep, np.ascontiguousarray(ids[:, li, :]).reshape(-1)).reshape(n, k)
+    rank[ids < 0] = -1
+    if order is not None:
+        out = np.empty_like(rank)
+        out[order] = rank
+        return out
+    return rank
 
 
 def _random_topk(shape: tuple[int, int], num_experts: int, k: int, seed: int, keys: tuple[np.ndarray, ...]
@@ -382,22 +418,35 @@ def _random_topk(shape: tuple[int, int], num_experts: int, k: int, seed: int, ke
     """int16 ``[tokens, layers, k]``: k distinct uniformly random experts per (token, layer).
 
     Drawn by hashing per-token ``keys`` (doc id, position), so the draw does not depend on how the trace is
-    chunked. Loops over slots and rare redraws, never over tokens.
+    chunked: slot ``s`` takes ``hash_uniform(seed, *keys, layer, s, attempt)`` at the first ``attempt`` that
+    differs from the earlier slots. The hash chain is shared across slots and attempts, and redraws touch only
+    the colliding entries (loops over slots and rare redraws, never over tokens).
     """
     n, n_layers = shape
     out = np.empty((n, n_layers, k), dtype=np.int64)
     layer = np.arange(n_layers)[None, :]
-    cols = tuple(np.asarray(key)[:, None] for key in keys)
+    h = hash64(seed, *(np.asarray(key)[:, None] for key in keys), layer)  # [n, L]: the chain up to the layer
+    h = np.broadcast_to(h, (n, n_layers))
+
+    def draw(base: np.ndarray, attempt: int) -> np.ndarray:
+        u = (_splitmix(base ^ np.uint64(attempt)) >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+        return np.minimum((u * num_experts).astype(np.int64), num_experts - 1)
+
     for s in range(k):
-        cur = np.zeros((n, n_layers), dtype=np.int64)
-        todo = np.ones((n, n_layers), dtype=bool)
-        attempt = 0
+        hs = _splitmix(h ^ np.uint64(s))
+        cur = draw(hs, 0)
+        todo = np.zeros((n, n_layers), dtype=bool)
+        for prev in range(s):
+            todo |= cur == out[:, :, prev]
+        attempt = 1
         while todo.any():
-            u = hash_uniform(seed, *cols, layer, s, attempt)
-            cur = np.where(todo, np.minimum((u * num_experts).astype(np.int64), num_experts - 1), cur)
-            todo = np.zeros_like(todo)
+            where = np.nonzero(todo)
+            redraw = draw(hs[where], attempt)
+            cur[where] = redraw
+            clash = np.zeros(len(redraw), dtype=bool)
             for prev in range(s):
-                todo |= cur == out[:, :, prev]
+                clash |= redraw == out[:, :, prev][where]
+            todo[where] = clash
             attempt += 1
         out[:, :, s] = cur
     return out.astype(np.int16)
@@ -423,7 +472,7 @@ def _capture_batch_size(source: TraceSource) -> int | None:
     return None
 
 
-def _capacity_groups(source: TraceSource, group: str | int, group_size: int | None, batch_size: int | None
+def _capacity_groups(source: TraceSource, group: Group, group_size: int | None, batch_size: int | None
                      ) -> Iterator[tuple[RoutingTrace, np.ndarray]]:
     """``(chunk, group codes [tokens])`` with every group whole inside one yielded chunk.
 
@@ -433,7 +482,7 @@ def _capacity_groups(source: TraceSource, group: str | int, group_size: int | No
     chunk, so streamed and in-memory results agree.
     """
     if group == "doc":
-        for chunk in chunks(source):
+        for chunk in chunks(source, columns=needs(weights=True)):
             doc_code, _ = factorize(chunk.doc_ids)
             if group_size is None:
                 yield chunk, doc_code
@@ -443,7 +492,7 @@ def _capacity_groups(source: TraceSource, group: str | int, group_size: int | No
         return
     carry: RoutingTrace | None = None  # the unfinished last group, always starting at a group boundary
     tokens_before = 0  # tokens of the stream before `cur` (int groups)
-    for chunk in chunks(source):
+    for chunk in chunks(source, columns=needs(weights=True)):
         cur = chunk if carry is None else RoutingTrace.concat([carry, chunk])
         if group == "batch":
             assert batch_size is not None
@@ -470,10 +519,10 @@ def capacity_drop(
     trace: TraceSource,
     capacity_factors: Sequence[float] = (1.0, 1.25, 1.5, 2.0),
     *,
-    group: str | int = "doc",
+    group: Group = "doc",
     group_size: int | None = None,
     batch_size: int | None = None,
-    priority: str = "slot",
+    priority: Priority = "slot",
     min_capacity: int = 1,
     by_position: bool = False,
     bins: int | Sequence[int] | None = None,
@@ -675,7 +724,7 @@ def expert_placement(trace: TraceSource, num_devices: int, *, balanced: bool = T
             "max_over_mean_oracle": oracle[0], "max_over_mean_contiguous": contig[0],
             "balancedness_in_sample": ins[1], "balancedness_heldout": held[1],
             "balancedness_oracle": oracle[1], "balancedness_contiguous": contig[1],
-            "gain_heldout": float(safe_div(contig[0], held[0])),
+            "gain_heldout": float(safe_div(np.asarray(contig[0]), np.asarray(held[0]))),
             "fit_tokens": int(tokens[0]), "heldout_tokens": int(tokens[1]),
         })
     return pd.DataFrame(rows)

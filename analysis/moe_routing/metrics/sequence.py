@@ -15,29 +15,18 @@ import pandas as pd
 
 from ..errors import MetricError, TraceError
 from ..trace import RoutingTrace
-from ._common import (
-    BootstrapCounts,
+from ._bootstrap import BootstrapCounts, hash64, quantiles
+from ._counts import (
     GroupedAccumulator,
-    Label,
-    TraceSource,
-    chunks,
-    entropy,
     factorize,
-    fold,
     grouped_counts,
-    hash64,
     label_codes,
-    label_name,
     layer_expert_counts,
-    quantiles,
-    random_pair_overlap,
-    safe_div,
-    top1,
-    top2,
-    topk_ids,
     warn_small,
 )
-from .specialization import _nmi_tables
+from ._ranking import top1, top2, topk_ids
+from ._source import Label, TraceSource, chunks, fold, label_name, needs, token_blocks
+from ._stats import entropy, nmi_tables, random_pair_overlap, safe_div
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -63,13 +52,15 @@ def _transition_counts(trace: TraceSource) -> tuple[np.ndarray, RoutingTrace]:
 
     def update(state: np.ndarray, chunk: RoutingTrace) -> None:
         e, n_layers = chunk.num_experts, chunk.num_layers
-        t1 = top1(chunk).astype(np.intp)
-        a, b = t1[:, :-1], t1[:, 1:]
+        t1_all = top1(chunk)
         sentinel = (n_layers - 1) * e * e
-        key = np.where((a >= 0) & (b >= 0), (np.arange(n_layers - 1)[None, :] * e + a) * e + b, sentinel)
-        state += np.bincount(key.ravel(), minlength=sentinel + 1)[:sentinel]
+        for sl in token_blocks(chunk.num_tokens, n_layers, sentinel):  # bounded int64 temporaries
+            t1 = t1_all[sl].astype(np.intp)
+            a, b = t1[:, :-1], t1[:, 1:]
+            key = np.where((a >= 0) & (b >= 0), (np.arange(n_layers - 1)[None, :] * e + a) * e + b, sentinel)
+            state += np.bincount(key.ravel(), minlength=sentinel + 1)[:sentinel]
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(weights=True))
     e = first.num_experts
     return state.reshape(first.num_layers - 1, e, e), first
 
@@ -102,7 +93,7 @@ def transition_summary(trace: TraceSource, *, n_shuffles: int = 5, seed: int = 0
     """
     counts, first = _transition_counts(trace)
     # rows = next-layer expert so that nmi normalises by H(next)
-    out = _nmi_tables(counts.transpose(0, 2, 1), n_shuffles, seed)
+    out = nmi_tables(counts.transpose(0, 2, 1), n_shuffles, seed)
     h_next = out.pop("h_label_bits")
     mi = out.pop("mi_bits")
     return pd.DataFrame({"layer": list(first.layers[:-1]), "next_layer": list(first.layers[1:]),
@@ -147,7 +138,7 @@ def path_entropy(trace: TraceSource, *, depth: int | None = None) -> pd.DataFram
             state["single"][li] += np.bincount(t1[ok[:, li], li], minlength=e)
         state["n"] += chunk.num_tokens
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(weights=True))
     d, e = state["d"], first.num_experts
     h_single = entropy(state["single"], axis=1) / math.log(2)
     rows = []
@@ -247,11 +238,11 @@ def consecutive_same_expert(
                 boots[vi] = bc.boot.reshape(n_boot, 3, n_layers)
             state["boot"].add(values, boots)
 
-    state, first = fold(trace, init, update)
+    state, first = fold(trace, init, update, columns=needs(by, weights=True))
     values, acc = state["acc"].result()
     _, tokens = state["tok"].result()
     if by is not None:
-        warn_small(by_name, values, tokens)
+        warn_small(label_name(by), values, tokens)
     e, k = first.num_experts, first.top_k
     pairs, s1, s2 = acc[:, 0, :, 0], acc[:, 1, :, 0], acc[:, 2, :, 0]
     p = safe_div(acc[:, 3], acc[:, 3].sum(axis=2, keepdims=True))
@@ -282,7 +273,8 @@ def consecutive_same_expert(
 # ---------------------------------------------------------------------------------------------- agreement
 def _aligned(a: TraceSource, b: TraceSource) -> Iterator[tuple[RoutingTrace, RoutingTrace]]:
     """Pairs of equally long chunks of two traces of the same tokens, whatever their sharding."""
-    it_a, it_b = iter(chunks(a)), iter(chunks(b))
+    cols = needs(weights=True, tokens=True)
+    it_a, it_b = iter(chunks(a, columns=cols)), iter(chunks(b, columns=cols))
     buf_a: RoutingTrace | None = None
     buf_b: RoutingTrace | None = None
     while True:
