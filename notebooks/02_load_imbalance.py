@@ -50,7 +50,6 @@ from transformers import AutoConfig
 
 import moe_routing as mr
 import moe_routing.plots as mp
-from moe_routing.demo_pipeline import demo_runs, model_variants
 from moe_routing.models import resolve_model_path
 
 
@@ -66,10 +65,10 @@ def span(values: pd.Series, fmt: str = ".2f") -> str:
 
 
 mp.use_theme()
-paths = demo_runs(MODEL, RUNS, parts=(PART, LONG_PART), progress=False)  # captures what is missing
-variants = list(model_variants(MODEL))  # demo: ["trained", "untrained"]; real model: ["model"]
-traces = {v: mr.RoutingTrace.load(paths[f"{v}/{PART}"]) for v in variants}
-long = {v: mr.RoutingTrace.load(paths[f"{v}/{LONG_PART}"]) for v in variants}
+runs = mr.open_runs(MODEL, RUNS, (PART, LONG_PART), dtype=DTYPE, device_map=DEVICE, langs=LANGS, progress=False)  # captures what is missing
+variants = runs.variants  # demo: ["trained", "untrained"]; real model: ["model"]
+traces = {v: runs[v][PART].read() for v in variants}
+long = {v: runs[v][LONG_PART].read() for v in variants}
 name = variants[0]
 main = traces[name]
 layer = main.layers[-1] if LAYER is None else LAYER
@@ -219,7 +218,7 @@ say(("Every model here drops more than random routing" if len(over_random) == le
 # the mix of sequences evens the load out. `group="doc"` (above) is the pessimistic per-sequence bound.
 
 # %%
-grouping = pd.concat([mr.metrics.capacity_drop(paths[f"{v}/{LONG_PART}"], CAPACITY_FACTORS, group=g).assign(model=v)
+grouping = pd.concat([mr.metrics.capacity_drop(runs[v][LONG_PART], CAPACITY_FACTORS, group=g).assign(model=v)
                       for v in variants for g in ("doc", "batch")], ignore_index=True)  # a directory: batch size
 by_group = grouping.groupby(["model", "group", "capacity_factor"])["drop_rate"].mean().unstack("capacity_factor")
 display(by_group.round(3))

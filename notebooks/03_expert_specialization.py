@@ -50,12 +50,10 @@ from IPython.display import Markdown, display
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
-from transformers import AutoTokenizer
 
 import moe_routing as mr
 import moe_routing.plots as mp
-from moe_routing.demo_pipeline import demo_runs, load_part, model_variants
-from moe_routing.models import resolve_model_path
+from moe_routing.demo_pipeline import load_part
 
 
 def say(*parts: str) -> None:
@@ -72,17 +70,17 @@ def span(values, fmt: str = ".2f") -> str:
 
 mp.use_theme()
 parts = (PART, OTHER_PART) if OTHER_PART and OTHER_PART != PART else (PART,)
-paths = demo_runs(MODEL, RUNS, parts=parts, progress=False)  # captures what is missing
-variants = list(model_variants(MODEL))  # demo: ["trained", "untrained"]; real model: ["model"]
+runs = mr.open_runs(MODEL, RUNS, parts, dtype=DTYPE, device_map=DEVICE, langs=LANGS, progress=False)  # captures what is missing
+variants = runs.variants  # demo: ["trained", "untrained"]; real model: ["model"]
 name = variants[0]
-traces = {v: mr.RoutingTrace.load(paths[f"{v}/{PART}"]) for v in variants}
-other = {v: mr.RoutingTrace.load(paths[f"{v}/{parts[-1]}"]) for v in variants} if len(parts) > 1 else {}
+traces = {v: runs[v][PART].read() for v in variants}
+other = {v: runs[v][parts[-1]].read() for v in variants} if len(parts) > 1 else {}
 main = traces[name]
 layer = main.layers[-1] if LAYER is None else LAYER
-tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))  # the tokenizer only, to decode tokens
+tokenizer = mr.load_tokenizer(runs[name][PART])  # the tokenizer the trace records, to decode tokens
 for v, t in traces.items():
     print(f"{v:>9}: {t!r}")
-words = {part: load_part(part)["text"].str.split().str.len() for part in parts}
+words = {part: load_part(part, langs=LANGS)["text"].str.split().str.len() for part in parts}
 say("The corpus:", "; ".join(f"`{part}` holds {len(w)} texts of median {w.median():g} words" for part, w in words.items())
     + ".", "The demo's held-out Django texts are user-interface strings (menu entries, messages), so conclusions"
     " about *text* lean on the UDHR prose where it is captured." if PART == "heldout" else "")

@@ -31,10 +31,9 @@ MODEL = "demo"  # "demo" or a Hugging Face id / local path of an MoE causal LM
 RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); trace directories (captured on first use)
 DEVICE = None  # device_map of the pipeline run: None = "auto" with a GPU present, else the CPU
 DTYPE = "auto"  # weights dtype of the pipeline run ("auto": the checkpoint's)
-LANGS = None  # languages of the pipeline run (None: the corpus's default)
 CORPUS_FALLBACK = None  # set by the pipeline: why FLORES+ was not used (None: it was, or not asked for)
 CORPUS = "demo"  # "demo" (held-out split of the parallel demo corpus) or "flores" (FLORES-200 devtest, real models)
-LANGS = None  # None: every captured language; or a subset, e.g. ["en", "de", "fr", "zh", "ja", "ar"]
+LANGS = None  # languages captured and shown (None: the corpus's all); or a subset, e.g. ["en", "de", "fr", "zh", "ja", "ar"]
 REFERENCE = "en"  # the reference language of the divergence over depth
 PARALLEL_LANGS = ["en", "de", "ja"]  # the token view of one parallel sentence
 PROBE_TOKENS = 12_000  # tokens the language probe trains and tests on (whole documents)
@@ -50,12 +49,10 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown, display
-from transformers import AutoTokenizer
 
 import moe_routing as mr
 import moe_routing.plots as mp
-from moe_routing.demo_pipeline import demo_runs, load_part, model_variants
-from moe_routing.models import resolve_model_path
+from moe_routing.demo_pipeline import load_part
 
 
 def say(*parts: str) -> None:
@@ -73,8 +70,8 @@ def span(values, fmt: str = ".2f") -> str:
 mp.use_theme()
 part = "heldout" if CORPUS == "demo" else CORPUS
 prose = PROSE_PART if CORPUS == "demo" and PROSE_PART else None
-paths = demo_runs(MODEL, RUNS, parts=(part, prose) if prose else (part,), progress=False)
-variants = list(model_variants(MODEL))  # demo: ["trained", "untrained"]; a real model: ["model"]
+runs = mr.open_runs(MODEL, RUNS, (part, prose) if prose else (part,), dtype=DTYPE, device_map=DEVICE, langs=LANGS, progress=False)  # captures what is missing
+variants = runs.variants  # demo: ["trained", "untrained"]; a real model: ["model"]
 
 
 def shuffled(trace: mr.RoutingTrace, seed: int = 0) -> mr.RoutingTrace:
@@ -85,7 +82,7 @@ def shuffled(trace: mr.RoutingTrace, seed: int = 0) -> mr.RoutingTrace:
 
 
 def load(variant: str, which: str = part) -> mr.RoutingTrace:
-    trace = mr.RoutingTrace.load(paths[f"{variant}/{which}"])
+    trace = runs[variant][which].read()
     trace = trace if LANGS is None else trace.select(np.isin(trace.label("lang"), LANGS))
     return shuffled(trace) if SHUFFLE_LABELS else trace
 
@@ -97,7 +94,7 @@ trace = traces[name]
 langs = sorted(set(trace.label("lang").tolist()))
 scripts = pd.Series(trace.label("script")).groupby(trace.label("lang")).agg(lambda s: s.mode()[0]).to_dict()
 order = sorted(langs, key=lambda lang: (scripts[lang] != "Latin", scripts[lang], lang))  # by writing system
-tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))  # only to show tokens as text
+tokenizer = mr.load_tokenizer(runs[name][part])  # the tokenizer the trace records, to show tokens as text
 for v, t in traces.items():
     print(f"{v:>9}: {t!r}")
 if SHUFFLE_LABELS:

@@ -55,12 +55,9 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without
 import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
-from transformers import AutoTokenizer
 
 import moe_routing as mr
 import moe_routing.plots as mp
-from moe_routing.demo_pipeline import demo_runs, model_variants
-from moe_routing.models import resolve_model_path
 
 
 def say(*parts: str) -> None:
@@ -77,16 +74,16 @@ def span(values, fmt: str = ".2f") -> str:
 
 mp.use_theme()
 part = "heldout" if CORPUS == "demo" else CORPUS
-paths = demo_runs(MODEL, RUNS, parts=(part,), progress=False)
-variants = list(model_variants(MODEL))  # demo: ["trained", "untrained"]; a real model: ["model"]
+runs = mr.open_runs(MODEL, RUNS, (part,), dtype=DTYPE, device_map=DEVICE, langs=LANGS, progress=False)  # captures what is missing
+variants = runs.variants  # demo: ["trained", "untrained"]; a real model: ["model"]
 name = variants[0]
-trace = mr.RoutingTrace.load(paths[f"{name}/{part}"])
+trace = runs[name][part].read()
 other, other_name = None, None
 if "untrained" in variants:
-    other, other_name = mr.RoutingTrace.load(paths[f"untrained/{part}"]), "untrained"
+    other, other_name = runs["untrained"][part].read(), "untrained"
 elif OTHER_MODEL:
-    other_paths = demo_runs(OTHER_MODEL, RUNS, parts=(part,), progress=False)
-    other, other_name = mr.RoutingTrace.load(other_paths[f"model/{part}"]), str(OTHER_MODEL)
+    other_runs = mr.open_runs(OTHER_MODEL, RUNS, (part,), dtype=DTYPE, device_map=DEVICE, langs=LANGS, progress=False)
+    other, other_name = other_runs.main[part].read(), str(OTHER_MODEL)
 print(f"{name}: {trace!r}")
 if other is not None:
     print(f"{other_name}: {other!r}")
@@ -239,7 +236,7 @@ if other is not None:
 # `enable_thinking`.
 
 # %%
-tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
+tokenizer = mr.load_tokenizer(MODEL)  # the model's own tokenizer (its chat template)
 template = tokenizer.chat_template or ""
 thinking = None
 if "enable_thinking" not in template:

@@ -32,6 +32,8 @@ MODEL = "demo"  # "demo" or a Hugging Face id / local path of an MoE causal LM
 RUNS = "../runs"  # relative to notebooks/ (the repository's runs/, shared with make demo); trace directories
 CORPUS = "demo"  # "demo" (held-out split of the parallel demo corpus) or "flores" (FLORES-200 devtest)
 LANGS = None  # None: every language of the corpus; or a subset, e.g. ["en", "de", "ru", "ja", "ar"]
+DEVICE = None  # device_map: None = "auto" with a GPU present, else the CPU
+DTYPE = "auto"  # weights dtype ("auto": the checkpoint's)
 N_RANDOM = 4  # random expert sets per language set (the control)
 MAX_PER_LANG = 40  # test texts per language (None: the whole test half)
 N_BOOT = 200  # bootstrap replicates (over texts) for the intervals
@@ -61,7 +63,7 @@ from IPython.display import Markdown, display
 import moe_routing as mr
 import moe_routing.plots as mp
 from moe_routing.corpora import _char_script, guess_script
-from moe_routing.demo_pipeline import demo_runs, load_part, model_variants
+from moe_routing.demo_pipeline import load_part
 from moe_routing.models import load_model
 from moe_routing.plots import causal as mpc
 
@@ -80,10 +82,10 @@ def names(values) -> str:
 mp.use_theme()
 torch.manual_seed(SEED)
 part = "heldout" if CORPUS == "demo" else CORPUS
-name = next(iter(model_variants(MODEL)))  # demo: the trained model; a real model: "model"
-paths = demo_runs(MODEL, RUNS, parts=(part,), progress=False)
-trace = mr.RoutingTrace.load(paths[f"{name}/{part}"])
-model, tokenizer = load_model(MODEL)
+runs = mr.open_runs(MODEL, RUNS, (part,), dtype=DTYPE, device_map=DEVICE, langs=LANGS, progress=False)
+name = runs.variants[0]  # demo: the trained model; a real model: "model"
+trace = runs[name][part].read()
+model, tokenizer = load_model(MODEL, dtype=DTYPE, device_map=DEVICE)
 texts = load_part(part, langs=LANGS)
 if LANGS is not None:
     trace = trace.select(np.isin(trace.label("lang"), LANGS))

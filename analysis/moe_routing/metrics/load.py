@@ -469,6 +469,11 @@ def _capture_batch_size(source: TraceSource) -> int | None:
     if isinstance(source, RoutingTrace):
         size = source.meta.get("batch_size")
         return int(size) if isinstance(size, int) and size > 0 else None
+    from ..store import TraceReader
+
+    if isinstance(source, TraceReader):  # the reader of a trace directory: its manifest's settings
+        size = (source.manifest.get("settings") or {}).get("batch_size")
+        return int(size) if isinstance(size, int) and size > 0 else None
     return None
 
 
