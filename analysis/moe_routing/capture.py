@@ -822,7 +822,9 @@ def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None
                 positions = position_ids.expand(batch, seq).clone()
     elif mask is None or isinstance(mask, dict):
         past = _past_length(bound)
-        device = (input_ids if isinstance(input_ids, torch.Tensor) else embeds).device
+        source = input_ids if isinstance(input_ids, torch.Tensor) else embeds
+        assert isinstance(source, torch.Tensor)
+        device = source.device
         real = torch.ones((batch, seq), dtype=torch.bool, device=device)
         if position_ids is not None:
             positions = position_ids.expand(batch, seq).clone()
@@ -997,7 +999,8 @@ def capture(
                 )
             stack.enter_context(stance)
         if callable(getattr(target, "generate", None)):
-            vars(target)["generate"] = rec._wrap_generate(target.generate)  # this block's generate(), removed on exit
+            # this block's generate(), removed on exit
+            vars(target)["generate"] = rec._wrap_generate(getattr(target, "generate"))  # noqa: B009
         handles.append(target.register_forward_pre_hook(rec._on_call, with_kwargs=True))
         handles.append(target.register_forward_hook(rec._on_return, with_kwargs=True))
         reading = row.reading
