@@ -7,6 +7,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     ("capture overhead (prefill, decode, bytes)", ["capture_overhead.py", "--rounds", "11"]),
+    ("side by side with the peers (nnsight; skipped when absent)", ["peers.py"]),
     ("capture_corpus throughput", ["corpus_throughput.py"]),
     ("metrics throughput", ["metrics_throughput.py"]),
     ("intervention overhead: ablation/steering hooks vs plain forward", ["intervention_overhead.py", "--rounds", "11"]),

@@ -5,7 +5,9 @@ Every row says, for one ``model_type``:
 - ``experts``: a regular expression matched against the end of ``model.named_modules()`` names; its group
   ``layer`` is the decoder-layer index. The default matches ``...layers.{i}.<block>.experts``.
 - ``router``: the router's attribute name on the same parent module (for ``logits=True``).
-- ``reading``: how the decisions are read (see ``capture.READERS``):
+- ``reading``: a ``readings.Reading`` value -- how the decisions are read (its hook kind, which module the pattern
+  matches, its read function) and, for some families, the selection rule interventions replay. By name
+  (``readings.READINGS``; a string is accepted and looked up there):
   ``experts_args``  forward pre-hook on the experts module, which receives ``(hidden[T,H], index[T,k],
                     weights[T,k])`` -- exactly what the model uses, whatever experts backend runs;
   ``onehot_capacity`` switch_transformers: the experts get a capacity-masked one-hot ``[T,1,E]``; an all-zero
@@ -17,12 +19,15 @@ Every row says, for one ``model_type``:
                     expert sizes) is what the experts consume; it is scattered back to ``[T,k]``;
   ``doge_product_keys`` doge: forward hook on the DogeCDMoE block; its product-key top-k is replayed from the
                     router logits it returns (the same ops on the same tensor).
-  ``capture.OUTPUT_READERS`` holds the forward-hook readings (router_scores, jetmoe_sorted, doge_product_keys).
+  No code branches on these names: ``find_moe_layers`` and ``capture`` read the Reading's fields.
 - ``logits_output``: which output of the router module holds the raw router logits ``[T,E]``.
 - ``num_experts_attrs``: config attributes whose sum is the number of ids a router can emit
   (longcat_flash adds its zero-experts, ids >= n_routed_experts).
-- ``moe_layers``: the config rule deciding which decoder layers are MoE (documentation; the modules found are
-  the truth) and ``notes``.
+- ``moe_layers``, ``shared_experts``, ``notes``: documentation (the config rule deciding which decoder layers are
+  MoE -- the modules found are the truth --, where a shared expert sits, what is special). Capture reads none of
+  them to decide anything; ``Recorder.adapter_facts`` hands them on with the recording (e.g. for a manifest).
+
+Adding a family is adding a row (and, for a new way of reading, a ``Reading`` in ``readings.py``).
 """
 
 from __future__ import annotations
@@ -31,10 +36,26 @@ import inspect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from .errors import UnsupportedModelError, WrappedModelError
+from .readings import (
+    DOGE_PRODUCT_KEYS,
+    EXPERTS_ARGS,
+    JETMOE_SORTED,
+    MIXTRAL_SOFTMAX,
+    ONEHOT_CAPACITY,
+    READINGS,
+    ROUTER_SCORES,
+    RULES,
+    SIGMOID_GROUP,
+    SKIP_ZERO_WEIGHT,
+    SOFTMAX_TOPK,
+    TOPK_SOFTMAX,
+    Reading,
+)
 
 DEFAULT_EXPERTS = r"(?:^|\.)(?:layers|h|blocks)\.(?P<layer>\d+)\.(?:mlp|feed_forward|block_sparse_moe|moe|ffn)\.experts$"
 NUM_EXPERTS_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
@@ -47,16 +68,36 @@ class Adapter:
     family: str
     experts: str = DEFAULT_EXPERTS
     router: str | None = "gate"
-    reading: str = "experts_args"
+    reading: Reading = EXPERTS_ARGS  # a Reading (a name of readings.READINGS is accepted and looked up)
     logits_output: int | None = 0
     num_experts_attrs: tuple[str, ...] = ()
-    moe_layers: str = "every decoder layer"
-    shared_experts: str | None = None
-    notes: str = ""
+    moe_layers: str = "every decoder layer"  # documentation
+    shared_experts: str | None = None  # documentation
+    notes: str = ""  # documentation
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.reading, str):
+            if self.reading not in READINGS:
+                raise UnsupportedModelError(
+                    f"adapter {self.family!r}: unknown reading {self.reading!r}; known: {', '.join(READINGS)} "
+                    "(or pass a moe_routing.readings.Reading)."
+                )
+            object.__setattr__(self, "reading", READINGS[self.reading])
+        elif not isinstance(self.reading, Reading):
+            raise UnsupportedModelError(
+                f"adapter {self.family!r}: reading must be a moe_routing.readings.Reading or one of "
+                f"{', '.join(READINGS)}; got {type(self.reading).__name__}."
+            )
 
-def _rows(families: Iterable[str], **common) -> list[Adapter]:
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The row as plain values (for a manifest): family, reading, rule and the documentation fields."""
+        return {"family": self.family, "reading": self.reading.name, "rule": self.reading.rule or None,
+                "moe_layers": self.moe_layers, "shared_experts": self.shared_experts, "notes": self.notes}
+
+
+def _rows(families: Iterable[str], **common: Any) -> list[Adapter]:
     return [Adapter(family=f, **common) for f in families]
 
 
@@ -68,11 +109,12 @@ _DS_NOTE = "sigmoid + e_score_correction_bias + group-limited top-k (sorted=Fals
 
 ADAPTERS_LIST: list[Adapter] = [
     # --- flagship families -------------------------------------------------------------------------------------
-    Adapter("qwen3_moe", moe_layers=_SPARSE_STEP, notes="softmax (fp32) -> top-k -> renormalise if norm_topk_prob"),
-    Adapter("deepseek_v3", aliases=("kimi_k25",), moe_layers=_DS, shared_experts="mlp.shared_experts",
-            notes=_DS_NOTE),
+    Adapter("qwen3_moe", reading=SOFTMAX_TOPK, moe_layers=_SPARSE_STEP,
+            notes="softmax (fp32) -> top-k -> renormalise if norm_topk_prob"),
+    Adapter("deepseek_v3", aliases=("kimi_k25",), reading=SIGMOID_GROUP, moe_layers=_DS,
+            shared_experts="mlp.shared_experts", notes=_DS_NOTE),
     # --- softmax / linear top-k routers ------------------------------------------------------------------------
-    Adapter("qwen2_moe", moe_layers=_SPARSE_STEP, shared_experts="mlp.shared_expert (sigmoid gate)"),
+    Adapter("qwen2_moe", reading=SOFTMAX_TOPK, moe_layers=_SPARSE_STEP, shared_experts="mlp.shared_expert (sigmoid gate)"),
     Adapter("qwen3_next", moe_layers=_SPARSE_STEP, shared_experts="mlp.shared_expert (sigmoid gate)",
             notes="hybrid linear/full attention"),
     Adapter("qwen3_5_moe_text", aliases=("qwen3_5_moe",), shared_experts="mlp.shared_expert",
@@ -84,15 +126,15 @@ ADAPTERS_LIST: list[Adapter] = [
     Adapter("qwen3_omni_moe", aliases=("qwen3_omni_moe_thinker", "qwen3_omni_moe_text"), moe_layers=_SPARSE_STEP,
             experts=r"^(?!talker\.)(?:[\w.]*\.)?layers\.(?P<layer>\d+)\.mlp\.experts$",
             notes="the thinker's text decoder; the talker (a second MoE decoder) is not captured"),
-    *_rows(["mixtral", "minimax"], notes="softmax -> top-k -> renormalise; weights fp32"),
+    *_rows(["mixtral", "minimax"], reading=MIXTRAL_SOFTMAX, notes="softmax -> top-k -> renormalise; weights fp32"),
     Adapter("minimax_m3_vl", aliases=("minimax_m3_vl_text",), moe_layers=_MLP_TYPES,
             shared_experts="mlp.shared_experts"),
-    *_rows(["olmoe", "flex_olmo"], notes="softmax -> top-k, no renormalisation by default"),
+    *_rows(["olmoe", "flex_olmo"], reading=SOFTMAX_TOPK, notes="softmax -> top-k, no renormalisation by default"),
     Adapter("jamba", router="router", moe_layers="i % expert_layer_period == expert_layer_offset",
             notes="softmax -> top-k, no renormalisation"),
     Adapter("hunyuan_v1_moe", shared_experts="mlp.shared_mlp",
             notes="top-k may be a per-layer list: layers with a smaller k leave their last slots -1"),
-    Adapter("gpt_oss", router="router", notes="linear+bias -> top-k on logits -> softmax over k; "
+    Adapter("gpt_oss", router="router", reading=TOPK_SOFTMAX, notes="linear+bias -> top-k on logits -> softmax over k; "
             "use_kernels=True replaces the whole block and hooks cannot see it"),
     Adapter("openai_privacy_filter", router="router", notes="gpt_oss-style router in a token classifier"),
     *_rows(["granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa"], router="router",
@@ -119,7 +161,8 @@ ADAPTERS_LIST: list[Adapter] = [
     # --- biased / grouped routers (never reproducible from logits alone) ----------------------------------------
     Adapter("deepseek_v2", moe_layers=_DS, shared_experts="mlp.shared_experts",
             notes="softmax -> greedy or group-limited top-k (sorted=False) -> x routed_scaling_factor"),
-    *_rows(["glm4_moe", "dots1", "mistral4"], moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    Adapter("glm4_moe", reading=SIGMOID_GROUP, moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
+    *_rows(["dots1", "mistral4"], moe_layers=_DS, shared_experts="mlp.shared_experts", notes=_DS_NOTE),
     Adapter("glm4v_moe", aliases=("glm4v_moe_text",), moe_layers=_DS, shared_experts="mlp.shared_experts",
             notes=_DS_NOTE),
     *_rows(["deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "kimi_linear", "exaone_moe", "mimo_v2_flash",
@@ -154,16 +197,16 @@ ADAPTERS_LIST: list[Adapter] = [
     Adapter("lfm2_moe", moe_layers="num_dense_layers dense layers first", notes=_BLOCK_BIAS),
     *_rows(["hy_v3", "minimax_m2"], notes=_BLOCK_BIAS),
     # --- special readings ---------------------------------------------------------------------------------------
-    Adapter("llama4_text", aliases=("llama4",), router="router", reading="router_scores", logits_output=1,
+    Adapter("llama4_text", aliases=("llama4",), router="router", reading=ROUTER_SCORES, logits_output=1,
             moe_layers="moe_layers / interleave_moe_layer_step", shared_experts="feed_forward.shared_expert",
             experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.feed_forward\.router$",
             notes="the router returns dense sigmoid scores (0 outside top-k) that scale the experts' input; "
                   "every expert runs on every token"),
-    Adapter("switch_transformers", router="router", reading="onehot_capacity", logits_output=2,
+    Adapter("switch_transformers", router="router", reading=ONEHOT_CAPACITY, logits_output=2,
             experts=r"(?:^|\.)encoder\.block\.(?P<layer>\d+)\.layer\.\d+\.mlp\.experts$",
             moe_layers="every encoder_sparse_step-th block (encoder stack captured)",
             notes="top-1 with a per-sequence capacity: dropped tokens are recorded as expert -1"),
-    Adapter("zaya", reading="skip_zero_weight",
+    Adapter("zaya", reading=SKIP_ZERO_WEIGHT,
             notes="router also takes state from the previous layer; index E means skip (arrives as 0 with weight 0) "
                   "and is recorded as -1; router logits have E + 1 columns (the last one is skip)"),
     Adapter("longcat_flash", router="router", num_experts_attrs=("n_routed_experts", "zero_expert_num"),
@@ -176,12 +219,12 @@ ADAPTERS_LIST: list[Adapter] = [
     Adapter("diffusion_gemma_text", aliases=("diffusion_gemma",), router="router",
             experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.experts$",
             notes="gemma4-style router/experts on the text encoder's layers; router output 0 is probabilities"),
-    Adapter("jetmoe", router="router", reading="jetmoe_sorted", logits_output=4,
+    Adapter("jetmoe", router="router", reading=JETMOE_SORTED, logits_output=4,
             experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp\.router$",
             notes="the router returns the expert-sorted dispatch (sorted positions, token index, gates, expert "
                   "sizes, logits) that the experts consume; ids/weights are scattered back to [T,k]. The "
                   "mixture-of-attention router (self_attention.experts.router) is not captured"),
-    Adapter("doge", router=None, reading="doge_product_keys", logits_output=1,
+    Adapter("doge", router=None, reading=DOGE_PRODUCT_KEYS, logits_output=1,
             experts=r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp$", moe_layers="every layer when is_moe",
             notes="product-key retrieval experts (DogeCDMoE): the block's own top-k over num_keys^2 key pairs is "
                   "replayed from its router logits; logits are the per-expert key-pair sums. The block reshapes "
@@ -192,6 +235,8 @@ ADAPTERS: dict[str, Adapter] = {}
 for _row in ADAPTERS_LIST:
     for _name in (_row.family, *_row.aliases):
         ADAPTERS[_name] = _row
+    if _row.reading.rule:  # the families interventions can re-select for (readings.RULES), from the table
+        RULES.setdefault(_row.family, _row.reading)
 
 GENERIC = Adapter("generic", experts=r"(?:^|\.)(?P<layer>\d+)\.(?:[\w]+\.)*experts$", router="gate",
                   notes="fallback: any '...experts' module whose forward takes (hidden, top_k_index, top_k_weights)")
@@ -233,9 +278,9 @@ def unwrap_model(model: object, *, max_depth: int = 4) -> object:
     if _is_transformers_model(model):
         return model
     seen = {id(model)}
-    level = [model]
+    level: list[object] = [model]
     for _ in range(max_depth):
-        nxt = []
+        nxt: list[object] = []
         for obj in level:
             attrs = getattr(obj, "__dict__", {})
             children = [attrs.get(a) for a in WRAPPED_MODEL_ATTRS]
@@ -294,7 +339,7 @@ def _takes_routing_args(module: nn.Module) -> bool:
     return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
-def _num_experts(module: nn.Module, config, attrs: tuple[str, ...]) -> int:
+def _num_experts(module: nn.Module, config: Any, attrs: tuple[str, ...]) -> int:
     if attrs:
         total = sum(int(getattr(config, a, 0) or 0) for a in attrs)
         if total:
@@ -329,16 +374,15 @@ def resolve_adapter(model: nn.Module, adapter: Adapter | str | None = None) -> A
 def find_moe_layers(model: nn.Module, adapter: Adapter) -> list[MoELayer]:
     """The MoE layers of ``model`` in layer order; a clear error for a dense model or an unknown layout."""
     pattern = re.compile(adapter.experts)
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     found: dict[int, MoELayer] = {}
     for name, module in model.named_modules():
         m = pattern.search(_plain_name(name))
         if not m:
             continue
-        if adapter.reading in ("experts_args", "onehot_capacity", "skip_zero_weight") and not _takes_routing_args(
-            module
-        ):
+        reading = adapter.reading
+        if reading.hook == "pre" and not _takes_routing_args(module):
             continue
         layer = int(m.group("layer"))
         if layer in found and name.startswith(found[layer].name + "."):
@@ -350,10 +394,11 @@ def find_moe_layers(model: nn.Module, adapter: Adapter) -> list[MoELayer]:
             )
         parent_name = name.rsplit(".", 1)[0] if "." in name else ""
         parent = model.get_submodule(parent_name) if parent_name else model
-        router = getattr(parent, adapter.router, None) if adapter.router else None
-        if adapter.reading == "router_scores":
-            router = module
-        num = _num_experts(module if adapter.reading != "router_scores" else parent, text_config,
+        if reading.module == "router":  # the hooked module is the router itself
+            router: nn.Module | None = module
+        else:
+            router = getattr(parent, adapter.router, None) if adapter.router else None
+        num = _num_experts(parent if reading.count_on == "parent" else module, text_config,
                            adapter.num_experts_attrs)
         found[layer] = MoELayer(layer=layer, name=name, module=module, router=router, num_experts=num)
     if not found:

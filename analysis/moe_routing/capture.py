@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -43,97 +44,30 @@ from .errors import (
     UnsupportedGenerationError,
     UnsupportedModelError,
 )
+from .readings import (
+    READINGS,
+    read_doge_product_keys,
+    read_experts_args,
+    read_jetmoe_sorted,
+    read_onehot_capacity,
+    read_router_scores,
+    read_skip_zero_weight,
+)
 from .trace import NO_EXPERT, RoutingTrace
 
 # ---------------------------------------------------------------------------------------------- readings
-# Each reader turns what a hook saw into (index [T, k] int, weights [T, k] float) tensors on the model's device.
-
-
-def _read_experts_args(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(args) >= 3:  # the common call experts(hidden, index, weights): no signature binding needed
-        return args[1], args[2]
-    bound = sig.bind_partial(*args, **kwargs).arguments
-    values = list(bound.values())
-    if len(values) < 3:
-        raise CaptureError(
-            f"the experts module was called with {len(values)} arguments; expected (hidden, index, weights)."
-        )
-    index, weights = values[1], values[2]
-    return index, weights
-
-
-def _read_onehot_capacity(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
-    onehot, weights = _read_experts_args(args, kwargs, sig)
-    onehot = onehot.reshape(onehot.shape[0], -1)  # [T, E]
-    routed = onehot.sum(dim=-1) > 0
-    index = torch.where(routed, onehot.argmax(dim=-1), torch.full_like(routed, NO_EXPERT, dtype=torch.long))
-    w = torch.where(routed, weights.reshape(-1).to(torch.float32), torch.zeros((), dtype=torch.float32,
-                                                                               device=weights.device))
-    return index[:, None], w[:, None]
-
-
-def _read_skip_zero_weight(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
-    index, weights = _read_experts_args(args, kwargs, sig)
-    index = torch.where(weights == 0, torch.full_like(index, NO_EXPERT), index)
-    return index, weights
-
-
-READERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "experts_args": _read_experts_args,
-    "onehot_capacity": _read_onehot_capacity,
-    "skip_zero_weight": _read_skip_zero_weight,
-}
-
-
-# Output readers: a forward hook on the matched module turns (module, output, k) into (index [T, k], weights [T, k],
-# router logits [T, E] or None), for families whose experts never receive (index, weights) as arguments.
-def _read_router_scores(module: nn.Module, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """llama4: dense scores [T, E] (0 outside the top-k) scale the experts' input; ids are top-k of the logits."""
-    scores, logits = output[0], output[1]
-    index = torch.topk(logits, k, dim=-1).indices
-    return index, scores.gather(-1, index), logits
-
-
-def _read_jetmoe_sorted(module: nn.Module, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """jetmoe: the router hands the experts an expert-sorted dispatch; scatter it back to [T, k] slots.
-
-    Output: (index_sorted_experts [T*k] -- flat position t*k+slot of each sorted entry, batch_index, batch_gates
-    [T*k], expert_size (list, entries per expert), logits [T, E]).
-    """
-    index_sorted, _, gates, expert_size, logits = output
-    k = int(module.top_k)
-    sizes = torch.as_tensor(expert_size, device=index_sorted.device)
-    experts = torch.repeat_interleave(torch.arange(len(expert_size), device=index_sorted.device), sizes)
-    flat_index = torch.empty_like(index_sorted)
-    flat_index[index_sorted] = experts
-    flat_weights = torch.empty_like(gates)
-    flat_weights[index_sorted] = gates
-    return flat_index.view(-1, k), flat_weights.view(-1, k), logits
-
-
-def _read_doge_product_keys(module: nn.Module, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
-    """doge: replay DogeCDMoE's product-key top-k on its own router logits ([2, T, num_keys], output 1)."""
-    router_logits = output[1]
-    n = router_logits.shape[1]
-    keys = int(module.num_keys)
-    (scores_x, scores_y), (indices_x, indices_y) = router_logits.topk(keys, dim=-1)
-    all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).view(n, -1)
-    all_indices = (indices_x.unsqueeze(-1) * keys + indices_y.unsqueeze(-2)).view(n, -1)
-    scores, position = all_scores.topk(int(module.top_k), dim=-1)
-    index = all_indices.gather(-1, position)
-    weights = torch.nn.functional.softmax(scores, dim=-1)
-    if module.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    per_expert = (router_logits[0].unsqueeze(-1) + router_logits[1].unsqueeze(-2)).view(n, -1)  # [T, keys^2]
-    return index, weights, per_expert
-
-
-OUTPUT_READERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
-    "router_scores": _read_router_scores,
-    "jetmoe_sorted": _read_jetmoe_sorted,
-    "doge_product_keys": _read_doge_product_keys,
-}
+# The read functions live in readings.py (each Reading of the adapter table holds its own); these names stay for
+# code that imported them from here.
+_read_experts_args = read_experts_args
+_read_onehot_capacity = read_onehot_capacity
+_read_skip_zero_weight = read_skip_zero_weight
+_read_router_scores = read_router_scores
+_read_jetmoe_sorted = read_jetmoe_sorted
+_read_doge_product_keys = read_doge_product_keys
+READERS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
+    name: r.read for name, r in READINGS.items() if r.hook == "pre"}
+OUTPUT_READERS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
+    name: r.read for name, r in READINGS.items() if r.hook == "post"}
 
 
 # ---------------------------------------------------------------------------------------------- the recorder
@@ -143,7 +77,7 @@ class _Call:
 
     batch: int
     seq: int
-    mask: torch.Tensor  # bool [batch, seq]: real tokens of this call
+    mask: torch.Tensor  # bool [batch, seq]: real tokens of this call (on the model's device until flushed)
     positions: torch.Tensor  # int [batch, seq]
     token_ids: torch.Tensor | None  # int [batch, seq]
     decode: bool
@@ -166,8 +100,28 @@ class _Generate:
     lengths: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Forward:
+    """One forward of the top model, as recorded by its hooks: tensors still on the model's device."""
+
+    call: _Call
+    ids: list[torch.Tensor]  # per captured layer, int [batch*seq, k]
+    weights: list[torch.Tensor]  # per captured layer, float [batch*seq, k]
+    logits: list[torch.Tensor]  # per captured layer, float [batch*seq, E] (empty unless logits=True)
+
+
+# Forwards kept on the device before their records are moved to the host in one copy (also at trace(), at the end
+# of generate() and whenever the recorder is asked for counts): bounds device memory, amortises host copies.
+FLUSH_EVERY = 64
+
+
 class Recorder:
-    """Collects routing decisions across forward calls; ``trace()`` returns them as a RoutingTrace."""
+    """Collects routing decisions across forward calls; ``trace()`` returns them as a RoutingTrace.
+
+    Each forward's records stay on the model's device (``_Forward``) until ``FLUSH_EVERY`` forwards are waiting
+    or a result is asked for; they are then moved to the host in one copy and turned into arrays, runs of decode
+    steps of the same shape in one vectorised pass.
+    """
 
     def __init__(self, model: nn.Module, adapter: Adapter, moe_layers: list[MoELayer], *, logits: bool,
                  model_name: str) -> None:
@@ -178,25 +132,49 @@ class Recorder:
         self.num_experts = max(m.num_experts for m in moe_layers)
         self.logits = logits
         self.model_name = model_name
-        self.top_k = _config_top_k(model)
+        self._top_k = _config_top_k(model)
         self._call: _Call | None = None
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pending_logits: dict[int, torch.Tensor] = {}
+        self._raw: list[_Forward] = []
         self._batches: list[dict[str, np.ndarray]] = []
         self._next_doc = 0
         self._next_prompt = 0
         self._last_docs: np.ndarray | None = None
         self._gen: _Generate | None = None
         self.num_calls = 0
-        self.tokens_recorded = 0  # real tokens recorded by all forwards so far (never decreases on clear)
+        self._tokens_recorded = 0
+
+    @property
+    def adapter_facts(self) -> dict[str, Any]:
+        """The adapter row used (family, reading, rule, documentation fields) and the layers captured."""
+        return {**self.adapter.facts, "layers": list(self.layers), "num_experts": self.num_experts}
+
+    @property
+    def top_k(self) -> int | None:
+        """The largest number of slots per token seen (or the config's top-k before any forward)."""
+        self._flush()
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value: int | None) -> None:
+        self._top_k = value
+
+    @property
+    def tokens_recorded(self) -> int:
+        """Real tokens recorded by all forwards so far (never decreases on clear)."""
+        self._flush()
+        return self._tokens_recorded
 
     # ---- bookkeeping used by capture_corpus
     def start_docs_at(self, doc_id: int) -> None:
         """The next new sequence gets this document id (then +1 per batch row)."""
+        self._flush()
         self._next_doc = int(doc_id)
 
     @property
     def num_tokens(self) -> int:
+        self._flush()
         return sum(len(b["doc_ids"]) for b in self._batches)
 
     def check_recorded(self, before: int, planned: int) -> None:
@@ -209,13 +187,14 @@ class Recorder:
                 "compile), or the model called is not the one passed to capture(). Nothing of this batch is kept."
             )
 
-    # ---- hooks
+    # ---- hooks (run per forward / per layer: no host synchronisation, no per-layer Python beyond a stash)
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending.clear()
         self._pending_logits.clear()
         self._call = _describe_call(module, args, kwargs)
 
-    def _on_experts(self, layer: int, reader: Callable, sig: inspect.Signature):
+    def _on_experts(self, layer: int, reader: Callable[..., tuple[torch.Tensor, ...]],
+                    sig: inspect.Signature) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._call is None:
                 return None
@@ -225,12 +204,14 @@ class Recorder:
 
         return hook
 
-    def _on_router_scores(self, layer: int):
+    def _on_router_scores(self, layer: int) -> Callable[[nn.Module, tuple, Any], None]:
+        read = self.adapter.reading.read
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._call is None:
                 return None
-            k = self.top_k or int(getattr(module, "top_k", 1))
-            index, weights, logits = OUTPUT_READERS[self.adapter.reading](module, output, k)
+            k = self._top_k or int(getattr(module, "top_k", 1))
+            index, weights, logits = read(module, output, k)
             self._stash(layer, index, weights)
             if self.logits and logits is not None:
                 self._pending_logits[layer] = _keep(logits)
@@ -238,7 +219,7 @@ class Recorder:
 
         return hook
 
-    def _on_router(self, layer: int, out_index: int):
+    def _on_router(self, layer: int, out_index: int) -> Callable[[nn.Module, tuple, Any], None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._call is None:
                 return None
@@ -254,14 +235,16 @@ class Recorder:
                 f"layer {layer}: the router handed the experts {type(index).__name__}/{type(weights).__name__}, "
                 "not tensors; this layout needs its own row in moe_routing.adapters."
             )
-        index = index.reshape(-1, index.shape[-1]) if index.dim() > 1 else index[:, None]
-        weights = weights.reshape(index.shape[0], -1)
+        if index.dim() != 2:
+            index = index.reshape(-1, index.shape[-1]) if index.dim() > 1 else index[:, None]
         if weights.shape != index.shape:
-            raise CaptureError(
-                f"layer {layer}: routing weights {tuple(weights.shape)} do not match expert ids "
-                f"{tuple(index.shape)}; the router returns something unexpected for the {self.adapter.family} "
-                "adapter."
-            )
+            weights = weights.reshape(index.shape[0], -1)
+            if weights.shape != index.shape:
+                raise CaptureError(
+                    f"layer {layer}: routing weights {tuple(weights.shape)} do not match expert ids "
+                    f"{tuple(index.shape)}; the router returns something unexpected for the {self.adapter.family} "
+                    "adapter."
+                )
         self._pending[layer] = (_keep(index), _keep(weights))
 
     def _on_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -269,104 +252,210 @@ class Recorder:
         if call is None:
             return None
         try:
-            self._collect(call)
+            if self._check_complete(call):
+                self._record(call)
         finally:
             self._pending.clear()
             self._pending_logits.clear()
         return None
 
-    def _collect(self, call: _Call) -> None:
+    # ---- per forward: check what the hooks saw, keep it on the device
+    def _check_complete(self, call: _Call) -> bool:
+        """Whether this forward routed every captured layer (False: an MoE encoder legitimately skipped)."""
+        if len(self._pending) == len(self.layers):
+            return True
         missing = [m.layer for m in self.moe_layers if m.layer not in self._pending]
         if len(missing) == len(self.moe_layers) and call.encoder_skipped:
-            return  # a decoder pass of an encoder-decoder model given encoder_outputs: its MoE encoder did not run
-        if missing:
-            some = "" if len(missing) == len(self.moe_layers) else " (other layers did)"
-            raise CompiledModelError(
-                f"this forward ran without the hooks of MoE layers {missing}{some}: was the model compiled before "
-                "capture? Install hooks first (enter capture), then compile; a graph compiled earlier (also for "
-                "another instance of this model class) skips hooks added later (torch._dynamo.reset() drops it). "
-                "A truncated model or a layer skipped at run time gives the same error."
-            )
-        layer_order = [*self.layers, *(layer for layer in self.layers if layer in self._pending_logits)]
-        host = _to_host_many([*(self._pending[la][0] for la in self.layers),
-                              *(self._pending[la][1] for la in self.layers),
-                              *(self._pending_logits[la] for la in layer_order[len(self.layers):])])
-        n = len(self.layers)
-        self._pending = {la: (host[j], host[n + j]) for j, la in enumerate(self.layers)}
-        self._pending_logits = {la: host[2 * n + j] for j, la in enumerate(layer_order[n:])}
+            return False  # a decoder pass of an encoder-decoder model given encoder_outputs: its MoE encoder did not run
+        some = "" if len(missing) == len(self.moe_layers) else " (other layers did)"
+        raise CompiledModelError(
+            f"this forward ran without the hooks of MoE layers {missing}{some}: was the model compiled before "
+            "capture? Install hooks first (enter capture), then compile; a graph compiled earlier (also for "
+            "another instance of this model class) skips hooks added later (torch._dynamo.reset() drops it). "
+            "A truncated model or a layer skipped at run time gives the same error."
+        )
+
+    def _record(self, call: _Call) -> None:
+        """Check the row counts, start a generate()'s documents, keep the forward's tensors (no host copy)."""
         n_rows = call.batch * call.seq
-        ks = {idx.shape[1] for idx, _ in self._pending.values()}
-        k = max(ks)
-        for layer in self.layers:
-            if self._pending[layer][0].shape[0] != n_rows:
+        ids = [self._pending[la][0] for la in self.layers]
+        for layer, idx in zip(self.layers, ids, strict=True):
+            if idx.shape[0] != n_rows:
                 raise CaptureError(
-                    f"layer {layer} routed {self._pending[layer][0].shape[0]} rows but the call had batch "
+                    f"layer {layer} routed {idx.shape[0]} rows but the call had batch "
                     f"{call.batch} x seq {call.seq} = {n_rows} tokens; this model reshapes tokens in a way the "
                     "adapter does not know."
                 )
+        logits: list[torch.Tensor] = []
+        if self.logits:
+            if len(self._pending_logits) != len(self.layers):
+                raise CaptureError("router logits were requested but some routers did not report them.")
+            logits = [self._pending_logits[la] for la in self.layers]
+        if self._gen is not None:
+            self._start_generate_rows(self._gen, call)
+        self._raw.append(_Forward(call, ids, [self._pending[la][1] for la in self.layers], logits))
+        self.num_calls += 1
+        if len(self._raw) >= FLUSH_EVERY:
+            self._flush()
+
+    # ---- records to host arrays
+    def _flush(self) -> None:
+        """Move the forwards kept on the device to the host (one copy) and turn them into record batches."""
+        if not self._raw:
+            return
+        raw, self._raw = self._raw, []
+        tensors: list[torch.Tensor] = []
+        for f in raw:
+            tensors += [*f.ids, *f.weights, *f.logits, f.call.mask, f.call.positions]
+            if f.call.token_ids is not None:
+                tensors.append(f.call.token_ids)
+        host = iter(_to_host_many(tensors))
+        n = len(self.layers)
+        for f in raw:
+            f.ids = [next(host) for _ in range(n)]
+            f.weights = [next(host) for _ in range(n)]
+            f.logits = [next(host) for _ in f.logits]
+            f.call.mask, f.call.positions = next(host), next(host)
+            if f.call.token_ids is not None:
+                f.call.token_ids = next(host)
+        i = 0
+        while i < len(raw):  # runs of same-shape decode steps at once, anything else forward by forward
+            j = i + 1
+            if self._can_vectorise(raw[i]):
+                key = _run_key(raw[i])
+                while j < len(raw) and _run_key(raw[j]) == key:
+                    j += 1
+            if j - i > 1:
+                self._collect_run(raw[i:j])
+            else:
+                self._collect(raw[i])
+            i = j
+
+    def _can_vectorise(self, f: _Forward) -> bool:
+        return f.call.decode and len({t.shape[1] for t in f.ids}) == 1 and len({t.shape[1] for t in f.logits}) <= 1 \
+            and (self._gen is None or self._gen.prompt_lengths is not None)
+
+    def _collect(self, f: _Forward) -> None:
+        """One forward's host records -> one record batch (ids, weights, documents, positions, phase, logits)."""
+        call = f.call
+        ids, w = self._routing_arrays(f.ids, f.weights)
+        rows = np.flatnonzero(call.mask.reshape(-1).numpy())
+        positions = call.positions.reshape(-1).numpy()[rows].astype(np.int32)
+        row_of = rows // call.seq
+        doc_ids, phase, prompt = self._documents(call, rows, row_of, positions)
+        batch = {"expert_ids": ids[rows], "weights": w[rows], "doc_ids": doc_ids, "positions": positions,
+                 "token_ids": _token_array(call.token_ids, rows), "phase": phase}
+        if prompt is not None:
+            batch["prompt"] = prompt
+        if self.logits:
+            batch["router_logits"] = _logit_array(f.logits, call.batch * call.seq)[rows]
+        self._append(batch)
+
+    def _collect_run(self, run: list[_Forward]) -> None:
+        """Consecutive decode forwards of one shape -> one record batch, bookkeeping vectorised across them."""
+        call = run[0].call
+        n_rows, n_layers = call.batch * call.seq, len(self.layers)
+        gen = self._gen
+        mask = torch.stack([f.call.mask.reshape(-1) for f in run]).reshape(-1).numpy()
+        rows = np.flatnonzero(mask)
+        pos_all = torch.stack([f.call.positions.reshape(-1) for f in run]).reshape(-1).numpy()
+        positions = pos_all[rows].astype(np.int32)
+        step_of, row_of = np.divmod(rows, n_rows)
+        row_of //= call.seq
+        if gen is not None and not self._continues(gen, step_of * call.batch + row_of, positions, len(run),
+                                                   call.batch):
+            for f in run:  # a forward re-ran positions already recorded: the exact forward-by-forward path
+                self._collect(f)
+            return
+        ids = torch.stack([t for f in run for t in f.ids]).view(len(run), n_layers, n_rows, -1)
+        w = torch.stack([t.to(torch.float32) for f in run for t in f.weights]).view(len(run), n_layers, n_rows, -1)
+        k = ids.shape[-1]
+        if self._top_k is None or k > self._top_k:
+            self._top_k = k
+        ids_np = ids.transpose(1, 2).reshape(-1, n_layers, k).numpy().astype(np.int16)[rows]
+        w_np = w.transpose(1, 2).reshape(-1, n_layers, k).numpy()[rows]
+        if gen is not None:
+            assert gen.docs is not None and gen.prompt_lengths is not None
+            prompt_row = row_of // gen.rows_per_prompt
+            phase = np.where(positions < gen.prompt_lengths[prompt_row], "prefill", "decode")
+            doc_ids, prompt = gen.docs[row_of], (gen.first_prompt + prompt_row).astype(np.int64)
+        else:
+            doc_ids, prompt = self._row_docs(call, decode=True)[row_of], None
+            phase = np.full(len(rows), "decode")
+        tok = None if call.token_ids is None else torch.stack([f.call.token_ids.reshape(-1) for f in run
+                                                               if f.call.token_ids is not None])
+        batch = {"expert_ids": ids_np, "weights": w_np, "doc_ids": doc_ids, "positions": positions,
+                 "token_ids": _token_array(tok if tok is None or len(tok) == len(run) else None, rows),
+                 "phase": phase}
+        if prompt is not None:
+            batch["prompt"] = prompt
+        if self.logits:
+            lg = torch.stack([t for f in run for t in f.logits]).view(len(run), n_layers, n_rows, -1)
+            batch["router_logits"] = lg.transpose(1, 2).reshape(-1, n_layers, lg.shape[-1]).to(
+                torch.float32).numpy().astype(np.float16)[rows]
+        self._append(batch)
+
+    def _continues(self, gen: _Generate, slot: np.ndarray, positions: np.ndarray, steps: int, batch: int) -> bool:
+        """Whether every forward of a run starts each row after what was recorded; if so, record its positions."""
+        assert gen.max_pos is not None
+        pos = positions.astype(np.int64)
+        start = np.full(steps * batch, np.iinfo(np.int64).max, dtype=np.int64)
+        end = np.full(steps * batch, -1, dtype=np.int64)
+        np.minimum.at(start, slot, pos)
+        np.maximum.at(end, slot, pos)
+        seen = np.maximum.accumulate(np.vstack([gen.max_pos[None, :], end.reshape(steps, batch)]), axis=0)
+        if (start.reshape(steps, batch) <= seen[:-1]).any():
+            return False
+        gen.max_pos[:] = seen[-1]
+        return True
+
+    def _routing_arrays(self, ids_l: list[torch.Tensor], w_l: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer host ids/weights -> int16 / float32 ``[tokens, layers, k]`` (shorter k padded with -1 / 0)."""
+        ks = {idx.shape[1] for idx in ids_l}
+        k = max(ks)
         if len(ks) == 1:  # one stack per batch instead of a copy per layer
-            ids = torch.stack([self._pending[la][0] for la in self.layers], dim=1).numpy().astype(np.int16)
-            w = torch.stack([self._pending[la][1].to(torch.float32) for la in self.layers], dim=1).numpy()
+            ids = torch.stack(ids_l, dim=1).numpy().astype(np.int16)
+            w = torch.stack([x.to(torch.float32) for x in w_l], dim=1).numpy()
         else:  # layers with different k (hunyuan per-layer top-k): pad the shorter ones with empty slots
-            ids = np.full((n_rows, len(self.layers), k), NO_EXPERT, dtype=np.int16)
-            w = np.zeros((n_rows, len(self.layers), k), dtype=np.float32)
-            for j, layer in enumerate(self.layers):
-                idx, wt = self._pending[layer]
+            n_rows = ids_l[0].shape[0]
+            ids = np.full((n_rows, len(ids_l), k), NO_EXPERT, dtype=np.int16)
+            w = np.zeros((n_rows, len(ids_l), k), dtype=np.float32)
+            for j, (idx, wt) in enumerate(zip(ids_l, w_l, strict=True)):
                 ids[:, j, : idx.shape[1]] = idx.numpy()
                 w[:, j, : idx.shape[1]] = wt.to(torch.float32).numpy()
-        if self.top_k is None or k > self.top_k:
-            self.top_k = k
-        keep = call.mask.reshape(-1).cpu().numpy()
-        rows = np.flatnonzero(keep)
-        positions = call.positions.reshape(-1).cpu().numpy()[rows].astype(np.int32)
-        row_of = rows // call.seq
-        prompt = None
+        if self._top_k is None or k > self._top_k:
+            self._top_k = k
+        return ids, w
+
+    def _documents(self, call: _Call, rows: np.ndarray, row_of: np.ndarray, positions: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Document id, phase and (inside generate) prompt of each kept token of one forward."""
         if self._gen is not None:
-            doc_ids, phase, prompt = self._generate_rows(call, row_of, positions)
-        elif call.segments is not None and not call.decode:  # packed rows: a document per position run
+            return self._generate_rows(call, row_of, positions)
+        if call.segments is not None and not call.decode:  # packed rows: a document per position run
             seg = call.segments.reshape(-1)[rows]
             per_row = np.zeros(call.batch, dtype=np.int64)
             np.maximum.at(per_row, row_of, seg + 1)
             base = self._next_doc + np.concatenate([[0], np.cumsum(per_row)[:-1]])
-            doc_ids = base[row_of] + seg
             self._next_doc += int(per_row.sum())
             self._last_docs = base + per_row - 1  # a later decode step continues each row's last document
-            phase = np.full(len(rows), "prefill")
+            return base[row_of] + seg, np.full(len(rows), "prefill"), None
+        phase = np.full(len(rows), "decode" if call.decode else "prefill")
+        return self._row_docs(call, decode=call.decode)[row_of], phase, None
+
+    def _row_docs(self, call: _Call, *, decode: bool) -> np.ndarray:
+        """The document of each row: a decode step continues the last forward's rows, else new documents."""
+        if decode and self._last_docs is not None and len(self._last_docs) == call.batch:
+            row_docs = self._last_docs
         else:
-            if call.decode and self._last_docs is not None and len(self._last_docs) == call.batch:
-                row_docs = self._last_docs
-            else:
-                row_docs = np.arange(self._next_doc, self._next_doc + call.batch, dtype=np.int64)
-                self._next_doc += call.batch
-            self._last_docs = row_docs
-            doc_ids = row_docs[row_of]
-            phase = np.full(len(rows), "decode" if call.decode else "prefill")
-        batch = {
-            "expert_ids": ids[rows],
-            "weights": w[rows],
-            "doc_ids": doc_ids,
-            "positions": positions,
-            "token_ids": (
-                call.token_ids.reshape(-1).cpu().numpy()[rows].astype(np.int32)
-                if call.token_ids is not None
-                else np.full(len(rows), -1, dtype=np.int32)
-            ),
-            "phase": phase,
-        }
-        if prompt is not None:
-            batch["prompt"] = prompt
-        if self.logits:
-            if len(self._pending_logits) != len(self.layers):
-                raise CaptureError("router logits were requested but some routers did not report them.")
-            logit_rows = [self._pending_logits[layer].reshape(n_rows, -1) for layer in self.layers]
-            width = max(x.shape[1] for x in logit_rows)
-            lg = np.full((n_rows, len(self.layers), width), np.nan, dtype=np.float16)
-            for j, x in enumerate(logit_rows):
-                lg[:, j, : x.shape[1]] = x.to(torch.float32).numpy()
-            batch["router_logits"] = lg[rows]
+            row_docs = np.arange(self._next_doc, self._next_doc + call.batch, dtype=np.int64)
+            self._next_doc += call.batch
+        self._last_docs = row_docs
+        return row_docs
+
+    def _append(self, batch: dict[str, np.ndarray]) -> None:
         self._batches.append(batch)
-        self.num_calls += 1
-        self.tokens_recorded += len(rows)
+        self._tokens_recorded += len(batch["doc_ids"])
 
     # ---- generate()
     def _wrap_generate(self, generate: Callable[..., Any]) -> Callable[..., Any]:
@@ -377,10 +466,17 @@ class Recorder:
             if self._gen is not None:
                 raise UnsupportedGenerationError("generate() called itself on the captured model; not supported.")
             self._check_generation_mode(kwargs)
-            self._gen = self._start_generate(args, kwargs)
+            self._flush()
+            self._gen = gen = self._start_generate(args, kwargs)
             try:
                 out = generate(*args, **kwargs)
-                gen = self._gen
+                self._flush()
+            except BaseException:
+                try:  # keep what the forwards that ran recorded, as before the failure
+                    self._flush()
+                except Exception:
+                    self._raw.clear()
+                raise
             finally:
                 self._gen = None
             sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
@@ -428,24 +524,7 @@ class Recorder:
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Documents, phases and prompts of one forward inside generate(); drops records it supersedes."""
         gen = self._gen
-        assert gen is not None
-        if gen.docs is None:  # the first forward: one document per generate row
-            gen.docs = np.arange(self._next_doc, self._next_doc + call.batch, dtype=np.int64)
-            self._next_doc += call.batch
-            gen.max_pos = np.full(call.batch, -1, dtype=np.int64)
-            n_prompts = len(gen.prompt_lengths) if gen.prompt_lengths is not None else call.batch
-            if call.batch % n_prompts:
-                raise UnsupportedGenerationError(
-                    f"generate() ran its first forward on {call.batch} rows for {n_prompts} prompts; capture cannot "
-                    "tell which prompt each row continues."
-                )
-            gen.rows_per_prompt = call.batch // n_prompts
-            self._next_prompt += n_prompts
-        if call.batch != len(gen.docs):
-            raise UnsupportedGenerationError(
-                f"generate() changed its batch from {len(gen.docs)} to {call.batch} rows between forwards (a custom "
-                "decoding loop?); capture cannot follow rows across that change."
-            )
+        assert gen is not None and gen.docs is not None and gen.max_pos is not None
         # A forward that starts at a position already recorded for a row replaces everything from there on:
         # use_cache=False re-runs the whole sequence, assisted decoding / prompt lookup re-run rejected drafts.
         start = np.full(call.batch, np.iinfo(np.int64).max, dtype=np.int64)
@@ -466,13 +545,34 @@ class Recorder:
         phase = np.where(is_prompt, "prefill", "decode")
         return gen.docs[row_of], phase, (gen.first_prompt + prompt_row).astype(np.int64)
 
+    def _start_generate_rows(self, gen: _Generate, call: _Call) -> None:
+        """At each forward inside generate(): the first one gives each row a document; the batch must not change."""
+        if gen.docs is None:  # the first forward: one document per generate row
+            gen.docs = np.arange(self._next_doc, self._next_doc + call.batch, dtype=np.int64)
+            self._next_doc += call.batch
+            gen.max_pos = np.full(call.batch, -1, dtype=np.int64)
+            n_prompts = len(gen.prompt_lengths) if gen.prompt_lengths is not None else call.batch
+            if call.batch % n_prompts:
+                raise UnsupportedGenerationError(
+                    f"generate() ran its first forward on {call.batch} rows for {n_prompts} prompts; capture cannot "
+                    "tell which prompt each row continues."
+                )
+            gen.rows_per_prompt = call.batch // n_prompts
+            self._next_prompt += n_prompts
+        if call.batch != len(gen.docs):
+            raise UnsupportedGenerationError(
+                f"generate() changed its batch from {len(gen.docs)} to {call.batch} rows between forwards (a custom "
+                "decoding loop?); capture cannot follow rows across that change."
+            )
+
     def _drop_generated(self, gen: _Generate, cut: np.ndarray) -> None:
         """Drop this generate's records at positions >= ``cut[row]`` (one value per generate row)."""
+        assert gen.docs is not None
         for i in range(gen.first_batch, len(self._batches)):
             b = self._batches[i]
             keep = b["positions"] < cut[b["doc_ids"] - gen.docs[0]]
             if not keep.all():
-                self.tokens_recorded -= int((~keep).sum())
+                self._tokens_recorded -= int((~keep).sum())
                 self._batches[i] = {key: v[keep] for key, v in b.items()}
 
     def _finish_generate(self, gen: _Generate, sequences: torch.Tensor) -> None:
@@ -518,6 +618,7 @@ class Recorder:
         ``labels`` maps a name to one value per captured document (e.g. per prompt) or per token.
         ``clear=True`` empties the recorder afterwards (bounded memory for long runs).
         """
+        self._flush()
         if not self._batches:
             raise CaptureError(
                 "nothing was captured: run the model inside the `with capture(model) as rec:` block "
@@ -560,6 +661,8 @@ class Recorder:
         return trace
 
     def clear(self) -> None:
+        """Drop everything recorded so far (counters such as ``tokens_recorded`` keep counting)."""
+        self._flush()
         self._batches.clear()
 
 
@@ -599,8 +702,32 @@ def _to_host_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _run_key(f: _Forward) -> tuple:
+    """Forwards with equal keys are stacked in one pass (same shapes, dtypes and optional parts)."""
+    c = f.call
+    return (c.batch, c.seq, c.decode, c.token_ids is None, f.ids[0].shape[1], f.ids[0].dtype, f.weights[0].dtype,
+            f.logits[0].shape[1] if f.logits else None)
+
+
+def _token_array(token_ids: torch.Tensor | None, rows: np.ndarray) -> np.ndarray:
+    """The token id of each kept row (``-1`` when the model was called with inputs_embeds)."""
+    if token_ids is None:
+        return np.full(len(rows), -1, dtype=np.int32)
+    return token_ids.reshape(-1).numpy()[rows].astype(np.int32)
+
+
+def _logit_array(logits: list[torch.Tensor], n_rows: int) -> np.ndarray:
+    """Per-layer host router logits -> float16 ``[rows, layers, experts]`` (narrower layers padded with NaN)."""
+    logit_rows = [x.reshape(n_rows, -1) for x in logits]
+    width = max(x.shape[1] for x in logit_rows)
+    lg = np.full((n_rows, len(logit_rows), width), np.nan, dtype=np.float16)
+    for j, x in enumerate(logit_rows):
+        lg[:, j, : x.shape[1]] = x.to(torch.float32).numpy()
+    return lg
+
+
 def _config_top_k(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for a in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k"):
         v = getattr(cfg, a, None)
@@ -624,20 +751,40 @@ def _expand_label(name: str, values: Sequence[Any], doc_ids: np.ndarray) -> np.n
     )
 
 
-_CALL_SIGS: dict[type, inspect.Signature] = {}
+_CALL_SIGS: dict[Any, inspect.Signature] = {}
 
 
-def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None:
-    sig = _CALL_SIGS.get(type(module))
+def _signature(module: nn.Module) -> inspect.Signature:
+    """``inspect.signature(module.forward)``, cached per forward function (shared by a class's instances)."""
+    forward = module.forward
+    key = getattr(forward, "__func__", forward)
+    sig = _CALL_SIGS.get(key)
     if sig is None:
-        sig = _CALL_SIGS[type(module)] = inspect.signature(module.forward)
+        sig = _CALL_SIGS[key] = inspect.signature(forward)
+    return sig
+
+
+def _call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name; a keyword-only call (what generate() makes) needs no signature binding."""
+    if not args and "kwargs" not in kwargs:
+        return kwargs
     try:
-        bound = sig.bind_partial(*args, **kwargs).arguments
+        bound = dict(_signature(module).bind_partial(*args, **kwargs).arguments)
     except TypeError:
         bound = dict(kwargs)
     extra = bound.pop("kwargs", None)
     if isinstance(extra, dict):
         bound.update(extra)
+    return bound
+
+
+def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None:
+    """The facts of one forward call (shapes, real tokens, positions, token ids) as tensors on their device.
+
+    No host synchronisation for the common calls: tensors are copied on their own device (records are moved to
+    the host later, many forwards at once).
+    """
+    bound = _call_arguments(module, args, kwargs)
     input_ids = bound.get("input_ids")
     embeds = bound.get("inputs_embeds")
     encoder_skipped = bound.get("encoder_outputs") is not None
@@ -659,25 +806,30 @@ def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None
         position_ids = None
     segments = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        mask = mask.to(torch.bool)
         if mask.shape[0] != batch or mask.shape[1] < seq:
             raise CaptureError(
                 f"attention_mask has shape {tuple(mask.shape)} but the inputs are [batch={batch}, seq={seq}]."
             )
-        real = mask[:, -seq:]
-        positions = (mask.to(torch.int64).cumsum(dim=1) - 1)[:, -seq:]
+        real = mask[:, -seq:].to(torch.bool, copy=True)
         decode = mask.shape[1] > seq
+        if seq == 1:  # a decode step: the position is the number of real tokens before it
+            positions = mask.sum(dim=1, keepdim=True) - 1
+        else:
+            positions = (mask.to(torch.int64).cumsum(dim=1) - 1)[:, -seq:]
         if position_ids is not None and not decode:
             segments = _packed_segments(position_ids.expand(batch, seq), real)
             if segments is not None:
-                positions = position_ids.expand(batch, seq)
+                positions = position_ids.expand(batch, seq).clone()
     elif mask is None or isinstance(mask, dict):
         past = _past_length(bound)
-        real = torch.ones((batch, seq), dtype=torch.bool)
+        source = input_ids if isinstance(input_ids, torch.Tensor) else embeds
+        assert isinstance(source, torch.Tensor)
+        device = source.device
+        real = torch.ones((batch, seq), dtype=torch.bool, device=device)
         if position_ids is not None:
-            positions = position_ids.expand(batch, seq)
+            positions = position_ids.expand(batch, seq).clone()
         else:
-            positions = (past + torch.arange(seq))[None, :].expand(batch, seq)
+            positions = (past + torch.arange(seq, device=device))[None, :].expand(batch, seq)
         decode = past > 0
         if position_ids is not None and not decode:
             segments = _packed_segments(positions, real)
@@ -686,10 +838,11 @@ def _describe_call(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None
             f"capture reads padding from a 2-D attention_mask [batch, seq]; got a {mask.dim()}-D mask. "
             "Pass the tokenizer's attention_mask (capture drops padding tokens with it)."
         )
-    token_ids = input_ids.reshape(batch, seq) if isinstance(input_ids, torch.Tensor) else None
-    return _Call(batch=batch, seq=seq, mask=real.cpu(), positions=positions.cpu(),
-                 token_ids=None if token_ids is None else token_ids.cpu(), decode=bool(decode),
-                 encoder_skipped=encoder_skipped, segments=segments)
+    token_ids = input_ids.reshape(batch, seq).clone() if isinstance(input_ids, torch.Tensor) else None
+    if positions.device != real.device:  # position_ids given on another device than the inputs
+        positions = positions.to(real.device)
+    return _Call(batch=batch, seq=seq, mask=real, positions=positions.to(torch.int64),
+                 token_ids=token_ids, decode=bool(decode), encoder_skipped=encoder_skipped, segments=segments)
 
 
 def _packed_segments(positions: torch.Tensor, real: torch.Tensor) -> np.ndarray | None:
@@ -774,6 +927,10 @@ def _force_eager() -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- public API
+# The models inside a capture() block now (nothing is written onto the user's model to say so).
+_CAPTURING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -811,7 +968,7 @@ def capture(
                 f"{[m.layer for m in moe_layers]}."
             )
         moe_layers = [m for m in moe_layers if m.layer in wanted]
-    if getattr(target, "_moe_routing_capturing", False):
+    if target in _CAPTURING:
         raise CaptureError(
             "this model is already inside a capture() block; nested captures on one model are refused "
             "(use one recorder, or call rec.trace(clear=True) between parts)."
@@ -831,7 +988,7 @@ def capture(
     handles = []
     stack = ExitStack()
     saved_generate = vars(target).get("generate")  # an instance attribute of the user's, put back on exit
-    target._moe_routing_capturing = True
+    _CAPTURING.add(target)
     try:
         if cached:  # graphs compiled before capture skip its hooks: run them eagerly while capturing
             stance = _force_eager()
@@ -842,16 +999,16 @@ def capture(
                 )
             stack.enter_context(stance)
         if callable(getattr(target, "generate", None)):
-            target.generate = rec._wrap_generate(target.generate)
+            # this block's generate(), removed on exit
+            vars(target)["generate"] = rec._wrap_generate(getattr(target, "generate"))  # noqa: B009
         handles.append(target.register_forward_pre_hook(rec._on_call, with_kwargs=True))
         handles.append(target.register_forward_hook(rec._on_return, with_kwargs=True))
+        reading = row.reading
         for m in moe_layers:
-            if row.reading in OUTPUT_READERS:
+            if reading.hook == "post":  # the reading returns ids, weights and logits from the module's output
                 handles.append(m.module.register_forward_hook(rec._on_router_scores(m.layer)))
                 continue
-            reader = READERS[row.reading]
-            sig = inspect.signature(m.module.forward)
-            handles.append(m.module.register_forward_pre_hook(rec._on_experts(m.layer, reader, sig),
+            handles.append(m.module.register_forward_pre_hook(rec._on_experts(m.layer, reading.read, _signature(m.module)),
                                                               with_kwargs=True))
             if logits:
                 if m.router is None:
@@ -867,7 +1024,7 @@ def capture(
         vars(target).pop("generate", None)
         if saved_generate is not None:
             vars(target)["generate"] = saved_generate
-        target._moe_routing_capturing = False
+        _CAPTURING.discard(target)
         rec._call = None
         rec._gen = None
         stack.close()

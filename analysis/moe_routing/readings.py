@@ -19,18 +19,24 @@ weights, which always follow the family's own normalisation of the unmodified sc
             ``sigmoid_bias_group`` (where the family's correction bias lives). Experts with delta 0 keep their
             score bit for bit, so ``bias=0`` changes nothing and a huge delta equals ``force``.
 
-``RULES`` maps ``config.model_type`` to a ``Reading`` (rule name + how to read the router's parameters and its
-output tuple). Families absent from it are refused by ``intervene`` for the modes that re-select.
+A ``Reading`` is one value of the adapter table (``adapters.Adapter.reading``): how capture hooks the family
+(hook kind, which module, the read function; ``READINGS`` by name) and, when it has one, the selection rule that
+interventions replay. ``RULES`` maps a family to its Reading when that has a rule (filled from the adapter table);
+families absent from it are refused by ``intervene`` for the modes that re-select.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from .errors import CaptureError
+from .trace import NO_EXPERT
 
 
 @dataclass(frozen=True)
@@ -128,63 +134,193 @@ RULE_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- the table
-@dataclass(frozen=True)
-class Reading:
-    """How one family's router is replayed: the rule, its parameters, and where its outputs sit.
+# ---------------------------------------------------------------------------------------------- capture readers
+# A "pre" reader runs in a forward pre-hook on the matched module: read(args, kwargs, sig) -> (index [T, k],
+# weights [T, k]). A "post" reader runs in a forward hook: read(module, output, k) -> (index [T, k], weights [T, k],
+# router logits [T, E] or None). All return tensors on the model's device.
+def read_experts_args(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
+    """experts(hidden [T, H], index [T, k], weights [T, k]): exactly what the experts are run with."""
+    if len(args) >= 3:  # the common call experts(hidden, index, weights): no signature binding needed
+        return args[1], args[2]
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    values = list(bound.values())
+    if len(values) < 3:
+        raise CaptureError(
+            f"the experts module was called with {len(values)} arguments; expected (hidden, index, weights)."
+        )
+    return values[1], values[2]
 
-    The router module returns a tuple; ``logits_at`` / ``weights_at`` / ``ids_at`` are the positions of the raw
-    logits ``[T, E]``, the weights ``[T, k]`` and the expert ids ``[T, k]`` that the experts module receives.
-    ``offset_on`` documents which score a ``bias`` delta is added to.
+
+def read_onehot_capacity(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
+    """switch_transformers: a capacity-masked one-hot [T, 1, E]; an all-zero row (dropped token) is expert -1."""
+    onehot, weights = read_experts_args(args, kwargs, sig)
+    onehot = onehot.reshape(onehot.shape[0], -1)  # [T, E]
+    routed = onehot.sum(dim=-1) > 0
+    index = torch.where(routed, onehot.argmax(dim=-1), torch.full_like(routed, NO_EXPERT, dtype=torch.long))
+    w = torch.where(routed, weights.reshape(-1).to(torch.float32), torch.zeros((), dtype=torch.float32,
+                                                                               device=weights.device))
+    return index[:, None], w[:, None]
+
+
+def read_skip_zero_weight(args: tuple, kwargs: dict, sig: inspect.Signature) -> tuple[torch.Tensor, torch.Tensor]:
+    """zaya: a skip slot arrives as index 0 with weight 0 and is recorded as -1."""
+    index, weights = read_experts_args(args, kwargs, sig)
+    index = torch.where(weights == 0, torch.full_like(index, NO_EXPERT), index)
+    return index, weights
+
+
+def read_router_scores(module: nn.Module, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama4: dense scores [T, E] (0 outside the top-k) scale the experts' input; ids are top-k of the logits."""
+    scores, logits = output[0], output[1]
+    index = torch.topk(logits, k, dim=-1).indices
+    return index, scores.gather(-1, index), logits
+
+
+def read_jetmoe_sorted(module: Any, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """jetmoe: the router hands the experts an expert-sorted dispatch; scatter it back to [T, k] slots.
+
+    Output: (index_sorted_experts [T*k] -- flat position t*k+slot of each sorted entry, batch_index, batch_gates
+    [T*k], expert_size (list, entries per expert), logits [T, E]).
+    """
+    index_sorted, _, gates, expert_size, logits = output
+    k = int(module.top_k)
+    sizes = torch.as_tensor(expert_size, device=index_sorted.device)
+    experts = torch.repeat_interleave(torch.arange(len(expert_size), device=index_sorted.device), sizes)
+    flat_index = torch.empty_like(index_sorted)
+    flat_index[index_sorted] = experts
+    flat_weights = torch.empty_like(gates)
+    flat_weights[index_sorted] = gates
+    return flat_index.view(-1, k), flat_weights.view(-1, k), logits
+
+
+def read_doge_product_keys(module: Any, output: Any, k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """doge: replay DogeCDMoE's product-key top-k on its own router logits ([2, T, num_keys], output 1)."""
+    router_logits = output[1]
+    n = router_logits.shape[1]
+    keys = int(module.num_keys)
+    (scores_x, scores_y), (indices_x, indices_y) = router_logits.topk(keys, dim=-1)
+    all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).view(n, -1)
+    all_indices = (indices_x.unsqueeze(-1) * keys + indices_y.unsqueeze(-2)).view(n, -1)
+    scores, position = all_scores.topk(int(module.top_k), dim=-1)
+    index = all_indices.gather(-1, position)
+    weights = torch.nn.functional.softmax(scores, dim=-1)
+    if module.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    per_expert = (router_logits[0].unsqueeze(-1) + router_logits[1].unsqueeze(-2)).view(n, -1)  # [T, keys^2]
+    return index, weights, per_expert
+
+
+def _no_params(router: Any) -> dict[str, Any]:
+    raise TypeError("this reading has no selection rule (Reading.rule is empty); interventions cannot replay it.")
+
+
+# ---------------------------------------------------------------------------------------------- the table
+@dataclass(frozen=True, eq=False, repr=False)
+class Reading:
+    """How one family's routing is read by capture and replayed by interventions (one value of the table).
+
+    Selection rule (``intervene``; empty ``rule``: none): ``rule`` names a function of ``RULE_FUNCTIONS``,
+    ``params(router)`` its parameters. The router module returns a tuple; ``logits_at`` / ``weights_at`` /
+    ``ids_at`` are the positions of the raw logits ``[T, E]``, the weights ``[T, k]`` and the expert ids
+    ``[T, k]`` that the experts module receives. ``offset_on`` documents which score a ``bias`` delta is added to.
+
+    Capture: ``name`` (the reading's name in ``READINGS``), ``hook`` (``"pre"``: a forward pre-hook whose
+    ``read(args, kwargs, sig)`` returns ``(index [T,k], weights [T,k])``; ``"post"``: a forward hook whose
+    ``read(module, output, k)`` returns ``(index, weights, logits [T,E] | None)``), ``module`` (what the adapter's
+    pattern matches: ``"experts"``, ``"router"`` -- the router is the hooked module -- or ``"block"``) and
+    ``count_on`` (``"module"`` or ``"parent"``: where the number of experts is read). A ``"pre"`` reading only
+    matches modules whose forward takes ``(hidden, index, weights)``.
+
+    Compared with a string, a Reading compares its ``name`` (readings were named by strings before; deprecated).
     """
 
-    rule: str
-    params: Callable[[nn.Module], dict[str, Any]]
+    rule: str = ""
+    params: Callable[[Any], dict[str, Any]] = _no_params
     logits_at: int = 0
     weights_at: int = 1
     ids_at: int = 2
     unsorted: bool = False  # top-k(sorted=False): slot order is not score order
     offset_on: str = "router logit"
     notes: str = ""
+    name: str = "experts_args"
+    hook: Literal["pre", "post"] = "pre"
+    module: Literal["experts", "router", "block"] = "experts"
+    read: Callable[..., tuple[torch.Tensor, ...]] = read_experts_args
+    count_on: Literal["module", "parent"] = "module"
 
     @property
     def function(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The selection rule's function (``RULE_FUNCTIONS[rule]``)."""
+        if not self.rule:
+            raise KeyError(f"the {self.name!r} reading has no selection rule.")
         return RULE_FUNCTIONS[self.rule]
 
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
-def _softmax_params(router: nn.Module) -> dict[str, Any]:
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):  # deprecated: readings were strings
+            return self.name == other
+        return isinstance(other, Reading) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.rule, self.hook, self.module))
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        rule = f", rule={self.rule!r}" if self.rule else ""
+        return f"Reading({self.name!r}, hook={self.hook!r}, module={self.module!r}{rule})"
+
+
+EXPERTS_ARGS = Reading(notes="forward pre-hook on the experts module: (hidden[T,H], index[T,k], weights[T,k])")
+ONEHOT_CAPACITY = Reading(name="onehot_capacity", read=read_onehot_capacity,
+                          notes="capacity-masked one-hot [T,1,E]; an all-zero row is a dropped token (-1)")
+SKIP_ZERO_WEIGHT = Reading(name="skip_zero_weight", read=read_skip_zero_weight,
+                           notes="a skip slot (index 0, weight 0) is recorded as -1")
+ROUTER_SCORES = Reading(name="router_scores", hook="post", module="router", read=read_router_scores,
+                        count_on="parent", notes="dense scores [T,E] from the router; ids: top-k of its logits")
+JETMOE_SORTED = Reading(name="jetmoe_sorted", hook="post", module="router", read=read_jetmoe_sorted,
+                        notes="expert-sorted dispatch from the router, scattered back to [T,k]")
+DOGE_PRODUCT_KEYS = Reading(name="doge_product_keys", hook="post", module="block", read=read_doge_product_keys,
+                            notes="product-key top-k replayed from the block's router logits")
+
+READINGS: dict[str, Reading] = {r.name: r for r in (EXPERTS_ARGS, ONEHOT_CAPACITY, SKIP_ZERO_WEIGHT, ROUTER_SCORES,
+                                                    JETMOE_SORTED, DOGE_PRODUCT_KEYS)}
+
+
+def _softmax_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "norm": bool(router.norm_topk_prob), "cast_back": True}
 
 
-def _mixtral_params(router: nn.Module) -> dict[str, Any]:
+def _mixtral_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "norm": True, "cast_back": False}
 
 
-def _topk_softmax_params(router: nn.Module) -> dict[str, Any]:
+def _topk_softmax_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k)}
 
 
-def _group_params(router: nn.Module) -> dict[str, Any]:
+def _group_params(router: Any) -> dict[str, Any]:
     return {"top_k": int(router.top_k), "n_group": int(router.num_group), "topk_group": int(router.topk_group),
             "norm": bool(router.norm_topk_prob), "scale": router.routed_scaling_factor,
             "bias": router.e_score_correction_bias}
 
 
-_SOFTMAX = Reading("softmax_topk", _softmax_params, notes="softmax(fp32) -> top-k -> renorm if norm_topk_prob")
+# experts_args readings with a replayable selection rule (the adapter rows of those families hold them)
+SOFTMAX_TOPK = Reading("softmax_topk", _softmax_params, notes="softmax(fp32) -> top-k -> renorm if norm_topk_prob")
+MIXTRAL_SOFTMAX = Reading("softmax_topk", _mixtral_params, notes="softmax(fp32) -> top-k -> renorm; weights fp32")
+TOPK_SOFTMAX = Reading("topk_softmax", _topk_softmax_params, notes="linear+bias -> top-k on logits -> softmax of k")
+SIGMOID_GROUP = Reading("sigmoid_bias_group", _group_params, unsorted=True, offset_on="biased sigmoid score",
+                        notes="sigmoid + e_score_correction_bias + group-limited top-k(sorted=False)")
+_SOFTMAX = SOFTMAX_TOPK
 
-RULES: dict[str, Reading] = {
-    "qwen3_moe": _SOFTMAX,
-    "qwen2_moe": _SOFTMAX,
-    "olmoe": _SOFTMAX,
-    "flex_olmo": _SOFTMAX,
-    "mixtral": Reading("softmax_topk", _mixtral_params, notes="softmax(fp32) -> top-k -> renorm; weights fp32"),
-    "minimax": Reading("softmax_topk", _mixtral_params, notes="mixtral's router"),
-    "gpt_oss": Reading("topk_softmax", _topk_softmax_params, notes="linear+bias -> top-k on logits -> softmax of k"),
-    "deepseek_v3": Reading("sigmoid_bias_group", _group_params, unsorted=True, offset_on="biased sigmoid score",
-                           notes="sigmoid + e_score_correction_bias + group-limited top-k(sorted=False)"),
-    "glm4_moe": Reading("sigmoid_bias_group", _group_params, unsorted=True, offset_on="biased sigmoid score",
-                        notes="deepseek_v3's router"),
-}
+# ``RULES`` maps a family (the adapter row's ``family``) to its Reading when that has a selection rule. It is filled
+# from the adapter table when ``moe_routing.adapters`` is imported (always, through the package); an entry set here
+# directly is kept (the table's row does not override it).
+RULES: dict[str, Reading] = {}
 
 
 def reading_for(model_types: list[str]) -> tuple[str, Reading] | None:
