@@ -40,6 +40,7 @@ chromium:
 
 lint: install
 	$(BIN)/ruff check analysis tests benchmarks notebooks
+	$(BIN)/mypy
 
 test: install chromium lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -496,8 +496,8 @@ def intervene(
                 f"moe_routing has no faithful replay of the {family} router. Families with one: "
                 f"{', '.join(sorted(RULES))}. mode='zero' / 'renormalize' ablation may still work here."
             )
-        if row.reading != "experts_args":
-            raise InterventionError(f"{family}: mode {what!r} is not supported for the {row.reading} reading.")
+        if _reading_name(row) != "experts_args":
+            raise InterventionError(f"{family}: mode {what!r} is not supported for the {_reading_name(row)} reading.")
         for p in plans.values():
             if p.reselects and p.moe.router is None:
                 raise InterventionError(
@@ -505,10 +505,10 @@ def intervene(
                     f"{what!r} cannot be applied."
                 )
         _check_groups(family, reading, plans)
-    if any(p.drop for p in plans.values()) and row.reading != "experts_args":
+    if any(p.drop for p in plans.values()) and _reading_name(row) != "experts_args":
         raise InterventionError(
             f"{family}: mode {mode!r} changes the weights the experts module receives, but this family's experts "
-            f"are read through {row.reading!r}; ablation is not supported for it."
+            f"are read through {_reading_name(row)!r}; ablation is not supported for it."
         )
     if getattr(model, "_moe_routing_intervening", False):
         raise InterventionError(
@@ -538,3 +538,8 @@ def intervene(
             h.remove()
         model.__dict__.pop("_moe_routing_intervening", None)
         iv._call = None
+
+
+def _reading_name(row: Any) -> str:
+    """The name of an adapter row's reading (``Adapter.reading`` holds a ``Reading``)."""
+    return str(getattr(row.reading, "name", row.reading))
