@@ -62,7 +62,7 @@ from IPython.display import Markdown, display
 
 import moe_routing as mr
 import moe_routing.plots as mp
-from moe_routing.corpora import _char_script, guess_script
+from moe_routing.corpora import char_script, guess_script
 from moe_routing.demo_pipeline import load_part
 from moe_routing.models import load_model
 from moe_routing.plots import causal as mpc
@@ -297,7 +297,7 @@ def generate(bias) -> list[str]:
 def in_script(texts_: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per generation: majority script is the target (0/1), target-script letters, all letters."""
     major = np.array([guess_script(t) == target_script for t in texts_], dtype=float)
-    letters = [[s for s in map(_char_script, t) if s] for t in texts_]
+    letters = [[s for s in map(char_script, t) if s] for t in texts_]
     hit = np.array([sum(s == target_script for s in x) for x in letters], dtype=float)
     return major, hit, np.array([len(x) for x in letters], dtype=float)
 

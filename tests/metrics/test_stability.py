@@ -3,6 +3,8 @@ independent recomputation, and the model comes back in its own dtype with its ex
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -56,12 +58,9 @@ def test_float32_routing_does_not_depend_on_the_batch(frame):
 
 
 def test_shares_equal_an_independent_recomputation(frame, qwen3_moe, tokenizer):
-    qwen3_moe.to(torch.bfloat16)
-    try:
-        ref = _capture(qwen3_moe, tokenizer, TEXTS, 1, "right")
-        got = _capture(qwen3_moe, tokenizer, TEXTS, 4, "left")
-    finally:
-        qwen3_moe.to(torch.float32)
+    half = copy.deepcopy(qwen3_moe).to(torch.bfloat16)  # a copy: the session's model stays float32 as it was
+    ref = _capture(half, tokenizer, TEXTS, 1, "right")
+    got = _capture(half, tokenizer, TEXTS, 4, "left")
     fp32 = _capture(qwen3_moe, tokenizer, TEXTS, 1, "right")
     rows = frame[(frame["dtype"] == "bfloat16") & (frame["batch_size"] == 4) & (frame["padding_side"] == "left")]
     for j, layer in enumerate(ref.layers):
@@ -97,3 +96,20 @@ def test_bad_input(qwen3_moe, tokenizer):
         routing_stability(qwen3_moe, tokenizer, TEXTS, dtypes=("int8",))
     with pytest.raises(MetricError, match="batch sizes"):
         routing_stability(qwen3_moe, tokenizer, TEXTS, batch_sizes=(0,))
+
+
+def test_the_model_comes_back_bit_identical(tokenizer):
+    """float32 -> bfloat16 -> float32 rounds weights and buffers; routing_stability must undo that exactly, and
+    leave a mixed-dtype model (a float32 router beside bfloat16 experts) mixed as it was."""
+    from conftest import make_qwen3_moe
+
+    model = make_qwen3_moe(seed=3)
+    model.model.layers[0].mlp.experts.to(torch.bfloat16)
+    before = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    before = {k: (v.dtype, v.detach().clone()) for k, v in before.items()}
+    routing_stability(model, tokenizer, TEXTS[:3], batch_sizes=(1, 2), dtypes=("float32", "bfloat16"))
+    after = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert set(after) == set(before)
+    for k, (dtype, value) in before.items():
+        assert after[k].dtype == dtype, k
+        assert torch.equal(after[k], value), k

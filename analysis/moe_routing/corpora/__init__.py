@@ -77,10 +77,12 @@ from ._common import (
     SPLITS,
     _as_int,
     _cap_per_lang,
+    _char_script,
     _drop_empty,
     _is_whole,
     _majority_script,
     _normalise,
+    char_script,
     check_label_columns,
     guess_script,
 )
@@ -106,8 +108,8 @@ from .udhr import GF_IDS, UDHR_MIN_CHARS, _load_udhr, udhr_paragraphs
 __all__ = [
     "COLUMNS", "DEFAULT_LANGS", "DJANGO_LOCALES", "FAMILIES", "FLORES_CODES", "GF_IDS", "HELDOUT_FRACTION",
     "NEUTRAL_NUMBER", "NEUTRAL_TEXT", "PLURAL_N", "SCRIPTS", "SPLITS", "UDHR_MIN_CHARS", "Spec",
-    "available_demo_langs", "catalog_pairs", "check_label_columns", "clean_text", "guess_script", "heldout_keys",
-    "load_corpus", "load_flores", "parse_po", "text_key", "udhr_paragraphs",
+    "available_demo_langs", "catalog_pairs", "char_script", "check_label_columns", "clean_text", "guess_script",
+    "heldout_keys", "load_corpus", "load_flores", "parse_po", "text_key", "udhr_paragraphs",
 ]  # fmt: skip
 
 _BUILTIN = ("demo", "udhr", "flores")

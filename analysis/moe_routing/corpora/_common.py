@@ -68,6 +68,11 @@ def _char_script(ch: str) -> str | None:
     return "Other"
 
 
+def char_script(ch: str) -> str | None:
+    """The writing system of one character (``"Latin"``, ``"Cyrillic"``, ``"Han"``, ...; None for a non-letter)."""
+    return _char_script(ch)
+
+
 def guess_script(text: str) -> str:
     """The writing system of most letters in ``text`` (``"Japanese"`` when Kana appear beside Han)."""
     return _majority_script([text])

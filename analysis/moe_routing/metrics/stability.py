@@ -88,7 +88,9 @@ def routing_stability(
         batch_sizes: batch sizes to compare; 1 (the reference, no padding) is always run.
         padding_sides: ``"right"`` and/or ``"left"``.
         dtypes: weight dtypes to run in (default: the model's own dtype and float32). The model is converted in
-            place and restored to its dtype at the end (16-bit -> float32 -> 16-bit is exact).
+            place and restored at the end, every parameter and buffer to its own dtype and exact values (a
+            tensor that a conversion would round, e.g. float32 weights run in bfloat16, is copied to the host
+            first and copied back; 16-bit -> float32 -> 16-bit is exact and needs no copy).
         max_length: truncate each text to this many tokens (None: no truncation).
 
     Returns a frame with one row per (dtype, batch_size, padding_side, layer): ``tokens`` compared,
@@ -118,6 +120,7 @@ def routing_stability(
 
     rows: list[dict[str, Any]] = []
     fp32_ref: tuple[np.ndarray, np.ndarray] | None = None
+    saved = _snapshot(model, order)
     try:
         for dtype in order:
             model.to(dtype)
@@ -152,8 +155,49 @@ def routing_stability(
                             "topk_vs_fp32": float(np.mean(~(ids[:, j] == fp32_ref[1][:, j]).all(axis=1))),
                         })  # fmt: skip
     finally:
-        model.to(own)
+        _restore(model, saved)
     return pd.DataFrame(rows, columns=list(STABILITY_COLUMNS))
+
+
+def _lossless(src: Any, dst: Any) -> bool:
+    """Whether every value of floating dtype ``src`` survives a round trip through ``dst``."""
+    import torch
+
+    if src == dst:
+        return True
+    wider = {torch.float16: (torch.float32, torch.float64), torch.bfloat16: (torch.float32, torch.float64),
+             torch.float32: (torch.float64,)}
+    return dst in wider.get(src, ())
+
+
+def _snapshot(model: Any, dtypes: Sequence[Any]) -> dict[tuple[str, str], tuple[Any, Any]]:
+    """Each floating parameter and buffer (non-persistent ones too): ``(kind, name) -> (dtype, host copy or
+    None)``; the copy is taken only when a conversion to one of ``dtypes`` would round it."""
+    out: dict[tuple[str, str], tuple[Any, Any]] = {}
+    for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t is None or not t.is_floating_point():
+                continue
+            lossy = any(not _lossless(t.dtype, d) for d in dtypes)
+            out[(kind, name)] = (t.dtype, t.detach().to("cpu", copy=True) if lossy else None)
+    return out
+
+
+def _restore(model: Any, saved: dict[tuple[str, str], tuple[Any, Any]]) -> None:
+    """Put every tensor of ``_snapshot`` back: its own dtype, and its exact values where a copy was taken."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("param", name) in saved:
+                dtype, copy = saved[("param", name)]
+                p.data = (copy if copy is not None else p.data).to(device=p.device, dtype=dtype)
+        for name, b in list(model.named_buffers()):
+            if ("buffer", name) in saved:
+                dtype, copy = saved[("buffer", name)]
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner) if owner else model
+                module._buffers[leaf] = (copy if copy is not None else b).to(device=b.device, dtype=dtype)
 
 
 def stability_summary(frame: pd.DataFrame) -> pd.DataFrame:
