@@ -77,7 +77,7 @@ from ._common import (
     SPLITS,
     _as_int,
     _cap_per_lang,
-    _char_script,
+    _char_script as _char_script,  # the old private name (notebooks of 0.1)
     _drop_empty,
     _is_whole,
     _majority_script,
