@@ -77,7 +77,6 @@ from ._common import (
     SPLITS,
     _as_int,
     _cap_per_lang,
-    _char_script as _char_script,  # the old private name (notebooks of 0.1)
     _drop_empty,
     _is_whole,
     _majority_script,
@@ -85,6 +84,9 @@ from ._common import (
     char_script,
     check_label_columns,
     guess_script,
+)
+from ._common import (
+    _char_script as _char_script,  # the old private name (notebooks of 0.1)
 )
 from .catalogs import (
     DJANGO_LOCALES,
