@@ -126,3 +126,12 @@ def test_cli_help_and_error_exit_code(tmp_path):
     assert out.returncode == 0 and "--logits" in out.stdout and "--max-tokens" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "moe_routing", "info", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "no manifest.json" in bad.stderr
+
+
+def test_one_version_string():
+    """``moe_routing.__version__`` (from ``_version.py``) is the version pyproject.toml installs."""
+    import moe_routing
+    from moe_routing._version import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert moe_routing.__version__ == __version__ == project["version"]

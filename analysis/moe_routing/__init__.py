@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import metrics
+from ._version import __version__
 from .adapters import ADAPTERS, Adapter, supported_families
 from .atlas import atlas
 from .capture import Recorder, capture

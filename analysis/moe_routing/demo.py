@@ -276,7 +276,7 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "moe_routing": __version__,

@@ -204,7 +204,7 @@ def _model_facts(model: Any, tokenizer: Any = None) -> dict[str, Any]:
     """What the manifest says about the model (``identity.model_identity``), its tokenizer and the versions."""
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     ident = model_identity(model)
     return {

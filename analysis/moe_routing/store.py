@@ -113,7 +113,7 @@ class TraceLayout:
                                                                         if self.has_logits else 0)
 
     def manifest(self, **extra: Any) -> dict[str, Any]:
-        from . import __version__
+        from ._version import __version__
 
         return {
             "format": FORMAT_NAME,
