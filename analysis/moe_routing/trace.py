@@ -343,12 +343,9 @@ class RoutingTrace:
 
         Without weights (imports that record ids only) slot 0 is taken, which is the engine's first choice.
         """
-        if not self.has_weights or self.top_k == 1:
-            return self.expert_ids[:, :, 0].copy()
-        w = np.where(self.expert_ids >= 0, self.weights, -np.inf)
-        w = np.nan_to_num(w, nan=-np.inf)
-        slot = np.argmax(w, axis=2)
-        return np.take_along_axis(self.expert_ids, slot[:, :, None], axis=2)[:, :, 0]
+        from .metrics._ranking import top1  # the one ranking rule (block by block: bounded temporaries)
+
+        return top1(self)
 
     def sorted_by_weight(self) -> RoutingTrace:
         """A copy whose slots are ordered by descending weight (DeepSeek-style routers use unsorted top-k)."""
