@@ -58,6 +58,7 @@ from IPython.display import Markdown, display
 
 import moe_routing as mr
 import moe_routing.plots as mp
+from moe_routing.models import to_input_device
 
 
 def say(*parts: str) -> None:
@@ -256,7 +257,7 @@ else:
             for i, prompt in enumerate(THINKING_PROMPTS):  # one at a time: no padding; stops at end of turn
                 text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                      add_generation_prompt=True, enable_thinking=enable_thinking)
-                batch = tokenizer(text, return_tensors="pt").to(model.device)
+                batch = to_input_device(model, tokenizer(text, return_tensors="pt"))
                 before = rec.num_tokens
                 model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
                 n, n_prompt = rec.num_tokens - before, batch["input_ids"].shape[1]

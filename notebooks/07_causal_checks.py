@@ -64,7 +64,7 @@ import moe_routing as mr
 import moe_routing.plots as mp
 from moe_routing.corpora import char_script, guess_script
 from moe_routing.demo_pipeline import load_part
-from moe_routing.models import load_model
+from moe_routing.models import load_model, to_input_device
 from moe_routing.plots import causal as mpc
 
 started = time.perf_counter()
@@ -278,7 +278,7 @@ steer = mr.metrics.steering_set(pick.select(lang_of == STEER_TO), pick.select(la
 target_script = pd.Series(pick.label("script")[lang_of == STEER_TO]).mode()[0]
 prompts = test.loc[test["lang"] == STEER_FROM, "text"].head(N_PROMPTS).tolist()
 tokenizer.padding_side = "left"
-enc = tokenizer(prompts, return_tensors="pt", padding=True)
+enc = to_input_device(model, tokenizer(prompts, return_tensors="pt", padding=True))  # where the embeddings live
 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
