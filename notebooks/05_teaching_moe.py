@@ -475,8 +475,9 @@ say("At a capacity factor of 1.25 the router would lose", " and ".join(
 #
 # <details><summary>Solution (click to open)</summary>
 #
-# A smaller factor drops more, a larger one less (at a factor of E / k = 4 nothing can overflow), and the
-# less balanced run drops more at every factor, because its busiest experts overflow first:
+# A smaller factor drops more, a larger one less (at a factor of E / k = 4 nothing can overflow). The less
+# balanced run is expected to drop more, because its busiest experts overflow first; the table says whether
+# it does at every factor on this run:
 #
 # ```python
 # pd.DataFrame({f: {RUN_NAMES[r]: dropped(watched[r, STEPS][0], f) for r in ("aux", "no-aux")}
