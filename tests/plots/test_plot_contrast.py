@@ -1,4 +1,4 @@
-"""Divergence, differential usage, sequence figures, language names, theme."""
+"""Contrast figures (plots/contrast): differential usage, usage differences; theme, role names, metric functions."""
 
 from __future__ import annotations
 
@@ -7,24 +7,16 @@ import pandas as pd
 import plotly.io as pio
 import pytest
 
-from moe_routing import MetricError, RoutingTrace, TraceError
+from moe_routing import RoutingTrace, TraceError
 from moe_routing.metrics import (
-    consecutive_same_expert,
     contrast,
-    language_divergence,
-    load_by_position,
-    reference_divergence,
 )
 from moe_routing.plots import (
     DARK,
     LIGHT,
-    consecutive_same_expert_plot,
     differential_usage,
     divergence_to_reference,
-    expert_by_position,
     expert_colors,
-    language_divergence_heatmap,
-    language_name,
     usage_difference_heatmap,
     use_theme,
 )
@@ -74,89 +66,6 @@ def test_differential_usage_from_contrast(trace: RoutingTrace) -> None:
     assert [o == 1.0 for o in fig.data[0].marker.opacity] == sig
 
 
-def test_language_divergence_matrix() -> None:
-    m = pd.DataFrame([[0, 0.1], [0.1, 0]], index=["de", "pt-BR"], columns=["de", "pt-BR"])
-    fig = language_divergence_heatmap(m, layer=5)
-    assert list(fig.data[0].x) == ["German", "Portuguese (Brazil)"]
-    assert "decoder layer 5" in fig.layout.title.text
-    with pytest.raises(MetricError, match="square"):
-        language_divergence_heatmap(np.zeros((2, 3)))
-
-
-def test_language_divergence_pairs_frame(trace: RoutingTrace) -> None:
-    pairs = language_divergence(trace, n_boot=10)
-    fig = language_divergence_heatmap(pairs)
-    assert len(fig.data) == len(LAYERS)
-    assert [s.label for s in fig.layout.sliders[0].steps] == [str(x) for x in LAYERS]
-    assert list(fig.data[0].x) == ["German", "English", "French"]
-    z = np.asarray(fig.data[1].z, dtype=float)
-    np.testing.assert_allclose(z, z.T)
-    np.testing.assert_allclose(np.diag(z), 0.0)
-    row = pairs[(pairs.layer == 3) & (pairs.a == "de") & (pairs.b == "fr")]
-    assert z[0, 2] == pytest.approx(float(row["js"].iloc[0]))
-    one = language_divergence_heatmap(trace, layer=7)
-    assert len(one.data) == 1 and "decoder layer 7" in one.layout.title.text
-    with pytest.raises(TraceError, match="layer 4 is not in this frame"):
-        language_divergence_heatmap(pairs, layer=4)
-
-
-def test_divergence_to_reference_lines() -> None:
-    df = pd.DataFrame(
-        [{"layer": la, "lang": g, "divergence": la * 0.01} for la in LAYERS for g in ("en", "de", "fr")]
-    )
-    fig = divergence_to_reference(df, reference="en")
-    assert [t.name for t in fig.data] == ["German", "French"]
-    assert list(fig.data[0].x) == list(LAYERS)
-    assert "from English" in fig.layout.title.text
-
-
-def test_divergence_to_reference_from_metric(trace: RoutingTrace) -> None:
-    df = reference_divergence(trace, reference="fr", n_boot=20)
-    fig = divergence_to_reference(df)  # the all-zero reference is found and left out
-    assert [t.name for t in fig.data] == ["German", "English"]
-    assert "from French" in fig.layout.title.text
-    de = df[df.lang == "de"].sort_values("layer")
-    np.testing.assert_allclose(fig.data[0].error_y.array, (de.ci_high - de.divergence).clip(lower=0))
-
-
-def test_consecutive_same_expert(trace: RoutingTrace) -> None:
-    df = pd.DataFrame({"layer": LAYERS, "first": 0.3, "first_or_second": 0.5, "random_first": 0.125})
-    fig = consecutive_same_expert_plot(df)
-    assert [t.type for t in fig.data] == ["bar", "scatter", "bar"]
-    assert list(fig.data[0].x) == [str(x) for x in LAYERS]
-    grouped = pd.concat([df.assign(domain="code"), df.assign(domain="prose")])
-    fig2 = consecutive_same_expert_plot(grouped, group="domain")
-    assert {t.name for t in fig2.data} == {"code", "prose", "random router"}
-    real = consecutive_same_expert(trace, n_boot=20)
-    fig3 = consecutive_same_expert_plot(real)
-    assert [t.name for t in fig3.data] == [
-        "first choice repeated", "random router: first choice repeated",
-        "first or second choice shared", "random router: first or second choice shared",
-    ]  # fmt: skip
-    np.testing.assert_allclose(fig3.data[0].error_y.array, real.first_high - real["first"])
-    fig4 = consecutive_same_expert_plot(trace, group="lang")
-    assert {t.name for t in fig4.data} >= {"de", "en", "fr"}
-
-
-def test_expert_by_position(trace: RoutingTrace) -> None:
-    fig = expert_by_position(trace, 5)
-    z = np.asarray(fig.data[0].z, dtype=float)
-    np.testing.assert_allclose(np.nansum(z, axis=1), 1.0)
-    assert np.asarray(fig.data[0].customdata).sum() == trace.num_tokens  # first choices only
-    assert list(fig.data[0].y[:3]) == ["0", "1", "2–3"]
-    with pytest.raises(TraceError, match="layer 6 is not a MoE layer"):
-        expert_by_position(trace, 6)
-    frame = load_by_position(trace, bins=5)
-    assert list(expert_by_position(frame, 1).data[0].y) == ["0–4", "5–9", "10–14", "15–19"]
-
-
-def test_language_names() -> None:
-    assert language_name("de") == "German"
-    assert language_name("zh-Hans") == "Chinese (Simplified)"
-    assert language_name("yo") == "Yoruba"  # from gflanguages, not the small table
-    assert language_name("qqq") == "qqq"
-
-
 def test_theme_and_colours() -> None:
     old = pio.templates.default
     try:
@@ -183,7 +92,7 @@ def test_usage_difference_heatmap_is_centred_on_zero() -> None:
 
 def test_role_names_are_aliases_of_the_old_keywords() -> None:
     """x / y / color / low / high mean the same in every plot; the older keywords keep working."""
-    from moe_routing.plots import differential_usage, divergence_over_depth, divergence_to_reference
+    from moe_routing.plots import differential_usage, divergence_over_depth
 
     depth = pd.DataFrame({"layer": [1, 3, 1, 3], "g": ["en", "en", "de", "de"], "js": [0.1, 0.2, 0.3, 0.4]})
     old = divergence_over_depth(depth, value="js", color="g", low=None, high=None)
